@@ -1,0 +1,38 @@
+# The two commands: `make run` (set up, run the pipeline on params.yaml, print the results) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Offline and self-contained by default: no telemetry, Prefect state inside the repo.
+export DVC_NO_ANALYTICS := 1
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test bench serve sweep clean
+
+setup: $(STAMP)
+
+# Reinstalls only when the dependency list or the pins change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: setup
+	dvc repro
+	$(PY) -m stages.report
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf data/calibration data/scores data/drop data/pruned data/gguf data/baseline data/eval .prefect

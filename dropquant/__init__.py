@@ -1,0 +1,2 @@
+"""dropquant: one-shot attention/MLP/block dropping and GGUF quantization for Llama-style LLMs."""
+from .pruning import load_pruned  # noqa: F401  (dropquant.load_pruned)

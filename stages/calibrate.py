@@ -1,0 +1,49 @@
+"""Calibration tokens: texts from calibration.source joined by EOS, cut into n_samples x seq_len blocks."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from stages._cli import stage_main
+
+log = logging.getLogger("dropquant.calibrate")
+OUT = Path("data/calibration")
+
+
+def run(params, args) -> None:
+    from safetensors.torch import save_file
+
+    from dropquant import calibration as cal
+    from dropquant.atomic import atomic_dir, write_json
+    from dropquant.models import load_config, load_model, load_tokenizer, model_identity, resolve_source
+
+    c = params.calibration
+    source = resolve_source(params.model.source, params.model.revision)
+    identity = model_identity(load_config(source), source)
+    tokenizer = load_tokenizer(source)
+    if c.source == cal.GENERATED:
+        log.info("data-free calibration: sampling %d x %d tokens from %s", c.n_samples, c.seq_len, source.spec)
+        input_ids = cal.generate_tokens(load_model(source), tokenizer, c.n_samples, c.seq_len, c.seed)
+        texts_used = None
+    else:
+        log.info("packing %d x %d tokens from %s", c.n_samples, c.seq_len, c.source)
+        texts = cal.source_texts(c.source, c.hf_config, c.split, c.text_field, c.seed)
+        input_ids, texts_used = cal.pack(texts, tokenizer, c.n_samples, c.seq_len)
+    manifest = {
+        "source": c.source, "split": c.split if c.source.startswith(cal.HF_PREFIX) else None,
+        "n_samples": c.n_samples, "seq_len": c.seq_len, "n_tokens": input_ids.numel(), "seed": c.seed,
+        "texts_used": texts_used, "sha256": cal.tokens_digest(input_ids), "model": identity,
+    }
+    with atomic_dir(args.out) as tmp:
+        save_file({"input_ids": input_ids.contiguous()}, str(tmp / "tokens.safetensors"))
+        write_json(tmp / "manifest.json", manifest)
+    log.info("wrote %s (%d tokens, sha256 %s)", args.out, input_ids.numel(), manifest["sha256"][:12])
+
+
+def main(argv=None) -> int:
+    return stage_main("calibrate", __doc__, run, argv,
+                      lambda p: p.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT})"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Score: importance (1 - cos) of every attention layer, MLP layer and block, in one pass over the calibration tokens."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from stages._cli import stage_main
+
+log = logging.getLogger("dropquant.score")
+CALIBRATION = Path("data/calibration/tokens.safetensors")
+OUT = Path("data/scores")
+
+
+def read_calibration(path: Path, identity: dict):
+    """The calibration tokens, refused if they were made for another model (its tokenizer may differ)."""
+    import json
+
+    from safetensors import safe_open
+
+    from dropquant.errors import DropquantError
+
+    manifest = path.parent / "manifest.json"
+    if not path.is_file() or not manifest.is_file():
+        raise DropquantError(f"calibration tokens not found: {path} (run the calibrate stage first)")
+    made_for = json.loads(manifest.read_text()).get("model", {})
+    if made_for.get("fingerprint") != identity["fingerprint"]:
+        raise DropquantError(f"{path} was made for model '{made_for.get('source')}', not '{identity['source']}': "
+                             "re-run calibrate")
+    with safe_open(str(path), framework="pt") as f:
+        if "input_ids" not in f.keys():
+            raise DropquantError(f"{path} has no tensor 'input_ids'")
+        return f.get_tensor("input_ids")
+
+
+def importance_csv(importance: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "attn", "mlp", "block"])
+    for i, row in enumerate(zip(importance["attn"], importance["mlp"], importance["block"])):
+        w.writerow([i, *(f"{v:.6f}" for v in row)])
+    return buf.getvalue()
+
+
+def run(params, args) -> None:
+    from dropquant.atomic import write_json, write_text
+    from dropquant.models import load_config, load_model, model_identity, resolve_source
+    from dropquant.plots import importance_heatmap
+    from dropquant.scoring import score_model
+
+    source = resolve_source(params.model.source, params.model.revision)
+    identity = model_identity(load_config(source), source)
+    input_ids = read_calibration(args.calibration, identity)
+    model = load_model(source)
+    log.info("scoring %s on %d tokens", source.spec, input_ids.numel())
+    scores = score_model(model, input_ids, params.score.batch_size, params.score.metric)
+    result = {"model": identity, **scores}
+    imp = scores["importance"]
+    for unit in ("attn", "mlp", "block"):
+        log.info("mean %s importance %.4f", unit, sum(imp[unit]) / len(imp[unit]))
+    out = args.out
+    importance_heatmap(imp, out / "heatmap.png", f"{source.spec}: importance ({params.score.metric}), "
+                                                f"{input_ids.numel()} tokens")
+    write_text(out / "importance.csv", importance_csv(imp))
+    write_json(out / "scores.json", result)  # last: its presence means the stage finished
+    log.info("wrote %s", out / "scores.json")
+
+
+def main(argv=None) -> int:
+    def add(p):
+        p.add_argument("--calibration", type=Path, default=CALIBRATION, help=f"tokens file (default {CALIBRATION})")
+        p.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT})")
+    return stage_main("score", __doc__, run, argv, add)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Every parameter error path gives one clear message naming the key, and the stages exit non-zero writing nothing."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dropquant.errors import DropquantError
+from dropquant.params import QUANT_TYPES, Params, check_against_model, load_params, load_params_with_overrides, parse_params
+from tests.conftest import ROOT
+
+
+def test_repo_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.drop.method in ("none", "attn", "mlp", "block", "joint")
+    assert params.quantize.type in QUANT_TYPES
+
+
+def test_defaults_fill_missing_sections():
+    assert parse_params({}) == Params()
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"drop": {"methd": "attn"}}, "unknown key 'drop.methd'"),
+    ({"dorp": {}}, "unknown key 'dorp'"),
+    ({"drop": {"method": "heads"}}, "drop.method"),
+    ({"drop": {"n": -1}}, "drop.n"),
+    ({"drop": {"n": "eight"}}, "drop.n"),
+    ({"quantize": {"type": "Q9_K"}}, "quantize.type"),
+    ({"calibration": {"n_samples": 0}}, "calibration.n_samples"),
+    ({"eval": {"tasks": ["squad"]}}, "eval.tasks.0"),
+    ({"eval": {"fewshot": -2}}, "eval.fewshot"),
+    ({"score": {"metric": "l2"}}, "score.metric"),
+])
+def test_bad_values_name_the_key(data, expected):
+    with pytest.raises(DropquantError, match=expected.replace(".", r"\.")):
+        parse_params(data)
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(DropquantError) as err:
+        parse_params({"drop": {"methd": "attn"}})
+    assert "allowed: method, n" in str(err.value)
+
+
+def test_bad_quant_type_lists_allowed_values():
+    with pytest.raises(DropquantError) as err:
+        parse_params({"quantize": {"type": "Q9_K"}})
+    assert "Q4_K_M" in str(err.value)
+
+
+@pytest.mark.parametrize("drop, expected", [
+    ({"method": "attn", "n": 5}, "drop.n=5 is larger"),
+    ({"method": "block", "n": 4}, "drop.n=4 is larger"),
+    ({"method": "joint", "n": 8}, "drop.n=8 is larger"),
+    ({"method": "attn", "n": 1, "protect": [4]}, "drop.protect: layer indices \\[4\\] out of range"),
+    ({"method": "attn", "n": 1, "layers": {"attn": [1, 1]}}, "named more than once"),
+])
+def test_model_dependent_checks(drop, expected):
+    with pytest.raises(DropquantError, match=expected):
+        check_against_model(parse_params({"drop": drop}), num_layers=4)
+
+
+def test_joint_limit_allows_all_but_one_module():
+    check_against_model(parse_params({"drop": {"method": "joint", "n": 7}}), num_layers=4)
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"drop": {"method": "attn", "n": 8}}))
+    params = load_params_with_overrides(path, ["drop.method=joint", "drop.n=4", "drop.protect=[0, 29]"])
+    assert (params.drop.method, params.drop.n, params.drop.protect) == ("joint", 4, [0, 29])
+    with pytest.raises(DropquantError, match="drop.n"):
+        load_params_with_overrides(path, ["drop.n=many"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(DropquantError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("drop: [unclosed")
+    with pytest.raises(DropquantError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_stage_cli_reports_bad_params_and_writes_nothing(tmp_path, capsys):
+    from stages import calibrate
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"n_samples": 0}}))
+    out = tmp_path / "calibration"
+    rc = calibrate.main(["--params", str(path), "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "calibration.n_samples" in err and err.count("error:") == 1
+    assert not out.exists()
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    from dropquant.models import load_config, resolve_source
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(DropquantError, match="architecture 'gpt2'; supported: llama, mistral"):
+        load_config(resolve_source(str(tmp_path)))
+
+
+def test_missing_model_paths_are_refused(tmp_path):
+    from dropquant.models import resolve_source
+
+    with pytest.raises(DropquantError, match="GGUF file not found"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(DropquantError, match="no config.json"):
+        resolve_source(str(tmp_path))
