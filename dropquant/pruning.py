@@ -1,0 +1,332 @@
+"""Apply a drop plan to a loaded Llama/Mistral model, save it as a smaller HF checkpoint, and reload it exactly.
+
+In memory:
+  - a dropped block is deleted from `model.model.layers` (the rest are renumbered);
+  - a dropped attention deletes `input_layernorm` + `self_attn` of its layer, a dropped MLP deletes
+    `post_attention_layernorm` + `mlp`; the layer's class is swapped for a subclass whose forward skips
+    the missing half, so the layer computes X + MLP(LN(X)) or X + Attn(LN(X)) and holds no dropped weight;
+  - a layer that loses both halves is the identity and is deleted like a dropped block;
+  - the kept attention modules get consecutive `layer_idx` 0..A-1, so the KV cache has entries for those
+    A layers only, and `get_seq_length()` (which reads entry 0) always reads a real attention layer.
+On disk (`save_pruned`): model.safetensors holds exactly the kept tensors (tied lm_head omitted), and
+config.json is the model's config with num_hidden_layers = kept blocks plus a "dropquant" record:
+  {"base_num_hidden_layers": L, "kept_layers": [original index of each kept block],
+   "dropped_attn": [kept-layer indices], "dropped_mlp": [kept-layer indices]}
+`load_pruned` rebuilds the standard architecture from that config, applies the record, and loads the
+safetensors with strict key checking. No pickle, no remote code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Optional
+
+from .atomic import atomic_dir
+from .errors import DropquantError
+from .models import check_architecture, decoder_layers
+from .selection import DropPlan
+
+log = logging.getLogger(__name__)
+
+RECORD_KEY = "dropquant"
+WEIGHTS_NAME = "model.safetensors"
+ATTN_PARTS = ("input_layernorm", "self_attn")
+MLP_PARTS = ("post_attention_layernorm", "mlp")
+
+
+# --- the pruned decoder layer ------------------------------------------------------------------------
+
+def _pruned_forward(self, hidden_states, *args, **kwargs):
+    """The decoder layer with either half optional; each present half is computed exactly as upstream."""
+    if args:
+        raise TypeError("pruned decoder layers take keyword arguments only")
+    if self.self_attn is not None:
+        residual = hidden_states
+        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + attn_out
+    if self.mlp is not None:
+        residual = hidden_states
+        hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
+    return hidden_states
+
+
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def _pruned_class(cls: type) -> type:
+    if getattr(cls, "_dropquant_pruned", False):
+        return cls
+    if cls not in _PRUNED_CLASSES:
+        # A subclass, not a wrapper: isinstance checks (output capture, hooks) and state-dict names stay intact.
+        _PRUNED_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,),
+                                    {"forward": _pruned_forward, "_dropquant_pruned": True, "__module__": __name__})
+    return _PRUNED_CLASSES[cls]
+
+
+def _drop_parts(layer, parts: tuple[str, ...]) -> None:
+    for name in parts:
+        setattr(layer, name, None)  # the module (and its weights) is released; state_dict skips None
+    layer.__class__ = _pruned_class(type(layer))
+
+
+def layer_has_attention(layer) -> bool:
+    return getattr(layer, "self_attn", None) is not None
+
+
+def layer_has_mlp(layer) -> bool:
+    return getattr(layer, "mlp", None) is not None
+
+
+# --- applying a layout ---------------------------------------------------------------------------------
+
+def pruning_record(model) -> Optional[dict]:
+    return getattr(model.config, RECORD_KEY, None)
+
+
+def _set_record(config, record: dict) -> None:
+    setattr(config, RECORD_KEY, record)
+
+
+def _renumber_attention(model) -> int:
+    """Consecutive cache slots for the attention layers that remain; returns how many there are."""
+    a = 0
+    for layer in decoder_layers(model):
+        if layer_has_attention(layer):
+            layer.self_attn.layer_idx = a
+            a += 1
+    return a
+
+
+def _check_layer_types(config, n_layers: int) -> None:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return
+    if len(set(layer_types)) > 1:
+        raise DropquantError(f"models with mixed layer_types {sorted(set(layer_types))} are not supported by drop")
+    config.layer_types = list(layer_types[:n_layers])
+
+
+def apply_layout(model, kept_layers: list[int], dropped_attn: list[int], dropped_mlp: list[int],
+                 base_num_layers: int) -> None:
+    """Shape `model` (with `len(kept_layers)` layers already, or `base_num_layers` to be cut) to a layout."""
+    layers = decoder_layers(model)
+    if len(layers) == base_num_layers and len(kept_layers) != base_num_layers:
+        keep = [layers[i] for i in kept_layers]
+        model.model.layers = type(layers)(keep)
+        layers = decoder_layers(model)
+    if len(layers) != len(kept_layers):
+        raise DropquantError(f"model has {len(layers)} layers but the layout keeps {len(kept_layers)}")
+    _check_layer_types(model.config, len(kept_layers))
+    model.config.num_hidden_layers = len(kept_layers)
+    for i in dropped_attn:
+        _drop_parts(layers[i], ATTN_PARTS)
+    for i in dropped_mlp:
+        _drop_parts(layers[i], MLP_PARTS)
+    _renumber_attention(model)
+    _set_record(model.config, {
+        "base_num_hidden_layers": base_num_layers,
+        "kept_layers": list(kept_layers),
+        "dropped_attn": sorted(dropped_attn),
+        "dropped_mlp": sorted(dropped_mlp),
+    })
+
+
+def layout_for_plan(plan: DropPlan) -> tuple[list[int], list[int], list[int]]:
+    """kept_layers (original numbering) and the sublayer drops in kept-layer numbering."""
+    both = set(plan.attn) & set(plan.mlp)  # a layer with neither half is the identity: remove it whole
+    gone = set(plan.blocks) | both
+    kept = [i for i in range(plan.num_layers) if i not in gone]
+    pos = {orig: k for k, orig in enumerate(kept)}
+    return kept, sorted(pos[i] for i in plan.attn if i in pos), sorted(pos[i] for i in plan.mlp if i in pos)
+
+
+def dropped_parameters(model, plan: DropPlan) -> dict:
+    """Parameters and bytes of every module the plan removes (counted on the unpruned model)."""
+    layers = decoder_layers(model)
+    both = set(plan.attn) & set(plan.mlp)
+    modules = []
+    for i in sorted(set(plan.blocks) | both):
+        modules.append(layers[i])
+    for i in plan.attn:
+        if i not in both:
+            modules += [getattr(layers[i], p) for p in ATTN_PARTS]
+    for i in plan.mlp:
+        if i not in both:
+            modules += [getattr(layers[i], p) for p in MLP_PARTS]
+    params = [p for m in modules for p in m.parameters()]
+    return {"params": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
+def prune_model(model, plan: DropPlan):
+    """Apply `plan` to `model` in place (and return it). The model must be unpruned."""
+    record = pruning_record(model)
+    if record and (record["dropped_attn"] or record["dropped_mlp"] or
+                   len(record["kept_layers"]) != record["base_num_hidden_layers"]):
+        raise DropquantError("this model is already pruned; prune the original model instead")
+    n_layers = len(decoder_layers(model))
+    if plan.num_layers != n_layers:
+        raise DropquantError(f"the drop plan is for a {plan.num_layers}-layer model, this one has {n_layers} layers")
+    for name, ids in (("attn", plan.attn), ("mlp", plan.mlp), ("blocks", plan.blocks)):
+        bad = [i for i in ids if not 0 <= i < n_layers]
+        if bad or len(set(ids)) != len(ids):
+            raise DropquantError(f"drop plan {name}: invalid or repeated layer indices {ids} for {n_layers} layers")
+    kept, attn, mlp = layout_for_plan(plan)
+    if not kept:
+        raise DropquantError("the drop plan removes every layer")
+    apply_layout(model, kept, attn, mlp, n_layers)
+    return model
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+def _tied_keys(model) -> set[str]:
+    """State-dict keys that alias another tensor (the tied LM head): saved once, re-tied on load."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel() > 0:
+            tied.add(name)
+        else:
+            seen[ptr] = name
+    return tied
+
+
+def config_dict(model) -> dict:
+    data = model.config.to_dict()
+    data["num_hidden_layers"] = len(decoder_layers(model))
+    record = pruning_record(model) or {
+        "base_num_hidden_layers": data["num_hidden_layers"], "kept_layers": list(range(data["num_hidden_layers"])),
+        "dropped_attn": [], "dropped_mlp": []}
+    data[RECORD_KEY] = record
+    data["architectures"] = [type(model).__name__]
+    # The weights are written dequantized: a GGUF source's quantization record no longer applies.
+    for key in ("_name_or_path", "gguf_file", "quantization_config"):
+        data.pop(key, None)
+    data["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return data
+
+
+def save_pruned(model, path, tokenizer=None, extra_files: Optional[dict[str, str]] = None) -> dict:
+    """Write the model as a Hugging Face directory atomically; returns the tensor bytes written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tied = _tied_keys(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    n_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {"tensor_bytes": n_bytes, "tensors": len(state)}
+
+
+def safetensors_tensor_bytes(path) -> int:
+    """Bytes of tensor data in one .safetensors file, read from its header (no tensor is loaded)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
+def checkpoint_tensor_bytes(path) -> int:
+    return sum(safetensors_tensor_bytes(f) for f in _weight_files(Path(path)))
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+def _weight_files(path: Path) -> list[Path]:
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    index = path / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    raise DropquantError(f"{path}: no {WEIGHTS_NAME} (or sharded index) found; a pruned checkpoint is a safetensors directory")
+
+
+def read_record(config) -> dict:
+    n = config.num_hidden_layers
+    record = getattr(config, RECORD_KEY, None) or {
+        "base_num_hidden_layers": n, "kept_layers": list(range(n)), "dropped_attn": [], "dropped_mlp": []}
+    if len(record["kept_layers"]) != n:
+        raise DropquantError(f"config.json: dropquant.kept_layers lists {len(record['kept_layers'])} layers "
+                             f"but num_hidden_layers is {n}")
+    for key in ("dropped_attn", "dropped_mlp"):
+        bad = [i for i in record[key] if not 0 <= i < n]
+        if bad:
+            raise DropquantError(f"config.json: dropquant.{key} has indices {bad} outside the {n} kept layers")
+    return record
+
+
+def load_pruned(path, dtype=None):
+    """A pruned (or plain) Llama/Mistral HF directory as a torch model in eval mode, weights checked key by key."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DropquantError(f"{path}: no config.json (not a Hugging Face model directory)")
+    files = _weight_files(path)
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") == "nemotron-nas":
+        from transformers import LlamaConfig
+
+        from .nemotron import llama_config_from_nemotron
+
+        config = LlamaConfig.from_dict(llama_config_from_nemotron(raw))
+    else:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    check_architecture(config, str(path))
+    record = read_record(config)
+    dtype = dtype or torch.float32
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_layout(model, record["kept_layers"], record["dropped_attn"], record["dropped_mlp"],
+                 record["base_num_hidden_layers"])
+
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    expected = set(model.state_dict().keys())
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - set(state) - tied)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise DropquantError(f"{path}: weights do not match config.json: missing {missing[:8]}"
+                             f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                             f"{'...' if len(unexpected) > 8 else ''}")
+    for k, v in state.items():
+        if v.is_floating_point():
+            state[k] = v.to(dtype)
+    model.load_state_dict(state, strict=False)
+    # Tied keys point at the same storage as their source; re-tie in case load_state_dict broke the alias.
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model.eval()
+
+
+def summary(model) -> dict:
+    layers = decoder_layers(model)
+    return {
+        "layers": len(layers),
+        "attention_layers": sum(layer_has_attention(l) for l in layers),
+        "mlp_layers": sum(layer_has_mlp(l) for l in layers),
+        "params": sum(p.numel() for p in model.parameters()),
+    }

@@ -1,0 +1,98 @@
+"""Drop: choose the attention layers, MLPs or blocks to remove (one shot, from the scores) and write the pruned model."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from stages._cli import stage_main
+
+log = logging.getLogger("dropquant.drop")
+SCORES = Path("data/scores/scores.json")
+PLAN_DIR = Path("data/drop")
+PRUNED = Path("data/pruned")
+EXPORT = Path("data/export")
+
+
+def read_scores(path: Path):
+    """The scores file, or None when there is none (only importance/contiguous selection needs it)."""
+    from dropquant.errors import DropquantError
+
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DropquantError(f"{path}: not valid JSON ({err}); re-run the score stage") from None
+
+
+def run(params, args) -> None:
+    from dropquant.atomic import atomic_dir, write_json
+    from dropquant.models import load_config, load_model, load_tokenizer, model_identity, resolve_source
+    from dropquant.pruning import checkpoint_tensor_bytes, dropped_parameters, prune_model, save_pruned, summary
+    from dropquant.selection import check_scores, describe, select
+
+    # Everything that can be refused is checked before a weight is loaded or a file written.
+    source = resolve_source(params.model.source, params.model.revision)
+    config = load_config(source)
+    n_layers = config.num_hidden_layers
+    identity = model_identity(config, source)
+    scores = read_scores(args.scores)
+    if scores is not None:
+        check_scores(scores, n_layers, identity["fingerprint"], origin=str(args.scores))
+    plan = select(params, n_layers, scores)
+    log.info("plan: %s", describe(plan))
+
+    model = load_model(source)
+    before = summary(model)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dropped = dropped_parameters(model, plan)
+    prune_model(model, plan)
+    after = summary(model)
+    save_pruned(model, args.pruned, tokenizer=load_tokenizer(source))
+    written = checkpoint_tensor_bytes(args.pruned)
+    if written != base_bytes - dropped["bytes"]:
+        log.warning("checkpoint holds %d tensor bytes, expected %d", written, base_bytes - dropped["bytes"])
+    log.info("pruned model: %d -> %d layers, %d -> %d attention, %d -> %d MLP; %d -> %d parameters",
+             before["layers"], after["layers"], before["attention_layers"], after["attention_layers"],
+             before["mlp_layers"], after["mlp_layers"], before["params"], after["params"])
+    log.info("checkpoint tensors %.1f MB -> %.1f MB (-%.1f MB, -%.1f%%)", base_bytes / 1e6, written / 1e6,
+             dropped["bytes"] / 1e6, 100 * dropped["bytes"] / base_bytes)
+
+    export = {"export": params.drop.export}
+    if params.drop.export == "nemotron-nas":
+        from dropquant.nemotron import export_nemotron
+
+        export["path"] = str(args.export / "nemotron-nas")
+        with atomic_dir(args.export) as tmp:
+            export_nemotron(args.pruned, tmp / "nemotron-nas")
+            write_json(tmp / "manifest.json", export)
+        log.info("wrote the Nemotron-NAS (DeciLM) layout to %s", export["path"])
+    else:
+        with atomic_dir(args.export) as tmp:
+            write_json(tmp / "manifest.json", export)
+
+    record = model.config.dropquant
+    result = {
+        **plan.to_json(identity),
+        "kept_layers": record["kept_layers"],
+        "size": {"base_tensor_bytes": base_bytes, "pruned_tensor_bytes": written,
+                 "dropped_params": dropped["params"], "dropped_bytes": dropped["bytes"],
+                 "base_params": before["params"], "pruned_params": after["params"]},
+    }
+    write_json(args.plan / "plan.json", result)  # last: its presence means the stage finished
+    log.info("wrote %s and %s", args.plan / "plan.json", args.pruned)
+
+
+def main(argv=None) -> int:
+    def add(p):
+        p.add_argument("--scores", type=Path, default=SCORES, help=f"scores file (default {SCORES})")
+        p.add_argument("--plan", type=Path, default=PLAN_DIR, help=f"plan directory (default {PLAN_DIR})")
+        p.add_argument("--pruned", type=Path, default=PRUNED, help=f"pruned checkpoint directory (default {PRUNED})")
+        p.add_argument("--export", type=Path, default=EXPORT,
+                       help=f"directory for drop.export layouts (default {EXPORT})")
+    return stage_main("drop", __doc__, run, argv, add)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
