@@ -34,5 +34,13 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks
 
+# A grid of variants as DVC experiments, then reports/sweep-<time>/ (grid: params.yaml sweep:, or ARGS="-m attn mlp -n 4 8").
+sweep: setup
+	$(PY) -m flows sweep $(ARGS)
+
+# The sweep on sweep.cron, served from a local Prefect server on 127.0.0.1:4200 (its UI); Ctrl-C stops both.
+serve: setup
+	$(PY) -m flows serve $(ARGS)
+
 clean:
 	rm -rf data/calibration data/scores data/drop data/pruned data/gguf data/baseline data/eval .prefect

@@ -47,7 +47,7 @@ class CalibrationParams(_Section):
 
 class ScoreParams(_Section):
     metric: Literal[SCORE_METRICS] = "cosine"
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(2, ge=1)
 
 
 class DropLayers(_Section):
@@ -79,12 +79,33 @@ class EvalParams(_Section):
     fidelity_tokens: int = Field(8192, ge=0)
     speed: bool = True
     threads: int = Field(2, ge=1)
+    n_ctx: int = Field(2048, ge=256)  # llama.cpp context for the benchmark tasks (few-shot prompts must fit)
+    speed_rounds: int = Field(3, ge=1)  # interleaved A/B rounds of the speed measurement (median)
 
     @field_validator("fewshot")
     @classmethod
     def _fewshot_non_negative(cls, v):
         if isinstance(v, int) and v < 0:
             raise ValueError("must be 'paper' or an integer >= 0")
+        return v
+
+
+class SweepParams(_Section):
+    """The grid `python -m flows sweep` runs (methods x n x quant_types) and the cron of its scheduled runs.
+
+    No stage reads this section, so editing it never invalidates a stage.
+    """
+    methods: list[Literal[DROP_METHODS]] = ["attn", "mlp", "block", "joint"]
+    n: list[int] = [4, 8]
+    quant_types: list[Literal[QUANT_TYPES]] = ["Q8_0"]
+    set: list[str] = []  # extra `section.key=value` overrides applied to every variant (e.g. eval.limit=50)
+    cron: str = "0 3 * * *"  # scheduled sweeps (`make serve`), in the server's time zone
+
+    @field_validator("n")
+    @classmethod
+    def _n_non_negative(cls, v):
+        if any(i < 0 for i in v):
+            raise ValueError("drop counts must be >= 0")
         return v
 
 
@@ -95,6 +116,7 @@ class Params(_Section):
     drop: DropParams = DropParams()
     quantize: QuantizeParams = QuantizeParams()
     eval: EvalParams = EvalParams()
+    sweep: SweepParams = SweepParams()
 
 
 def _format(err: ValidationError, origin: str) -> str:

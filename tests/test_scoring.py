@@ -57,9 +57,9 @@ def test_scores_match_hand_computed_reference(tiny_llama, tokens):
     n = len(tiny_llama.model.layers)
     for i in range(n + 1):
         for j in range(i + 1, n + 1):
-            assert got["span_angular"][i][j] == pytest.approx(ref_span[i][j], abs=1e-5)
+            assert got["span_angular"][i][j] == pytest.approx(ref_span[i][j], abs=2e-4)  # float16 boundaries
     # A block's span distance is the block's own angular distance.
-    assert [got["span_angular"][i][i + 1] for i in range(n)] == pytest.approx(got["angular"]["block"], abs=1e-6)
+    assert [got["span_angular"][i][i + 1] for i in range(n)] == pytest.approx(got["angular"]["block"], abs=2e-4)
 
 
 def test_batch_size_does_not_change_scores(tiny_llama, tokens):
@@ -75,7 +75,7 @@ def test_angular_metric(tiny_llama, tokens):
     n = len(tiny_llama.model.layers)
     assert got["importance"]["block"] == got["angular"]["block"]
     # The block's angular distance is the span distance between its two boundaries, checked by hand above.
-    assert got["importance"]["block"] == pytest.approx([got["span_angular"][i][i + 1] for i in range(n)], abs=1e-6)
+    assert got["importance"]["block"] == pytest.approx([got["span_angular"][i][i + 1] for i in range(n)], abs=2e-4)
     for unit in ("attn", "mlp"):
         assert got["importance"][unit] == got["angular"][unit]
         assert all(0.0 <= v <= 1.0 for v in got["importance"][unit])

@@ -1,0 +1,79 @@
+"""Plot data for DVC (CSV, one row per task / speed test, variant and base side by side), PNGs, and an offline
+HTML template for `dvc plots show --html-template` (DVC's default page loads Vega from a CDN: blank offline)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ..atomic import atomic_path, write_text
+from .accuracy import paper_score
+
+VEGA_DIR = Path(__file__).parent / "vega"
+SPEED_TESTS = ("pp512", "pp2048", "tg0", "tg2048")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+
+
+def accuracy_rows(accuracy: dict, base_accuracy: dict) -> list[list]:
+    rows = []
+    for name, v in accuracy["tasks"].items():
+        b = base_accuracy["tasks"].get(name)
+        if b is not None:
+            rows.append([name, round(paper_score(v), 4), round(paper_score(b), 4)])
+    return rows
+
+
+def speed_rows(speed: dict) -> list[list]:
+    return [[t, round(speed["variant"][t], 1), round(speed["base"][t], 1), round(speed["speedup"][t], 3)]
+            for t in SPEED_TESTS]
+
+
+def _bar_png(path: Path, labels, variant, base, title: str, xlabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    y = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(labels) + 1.5))
+    ax.barh(y - 0.2, base, 0.4, label="base (unpruned)", color="#999999")
+    ax.barh(y + 0.2, variant, 0.4, label="variant", color="#1f77b4")
+    ax.set_yticks(y, labels)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_plots(out_dir: Path, accuracy: dict, base_accuracy: dict, speed: dict | None, label: str) -> None:
+    acc = accuracy_rows(accuracy, base_accuracy)
+    _write_csv(out_dir / "accuracy.csv", ["task", "variant", "base"], acc)
+    _bar_png(out_dir / "accuracy.png", [r[0] for r in acc], [r[1] for r in acc], [r[2] for r in acc],
+             f"Accuracy ({label}; acc_norm where defined)", "accuracy")
+    rows = speed_rows(speed) if speed else []
+    _write_csv(out_dir / "speed.csv", ["test", "variant", "base", "speedup"], rows)
+    # Always written (a declared DVC output): empty bars when eval.speed is off.
+    _bar_png(out_dir / "speed.png", [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+             f"llama.cpp speed ({label}; median of A/B rounds)" if rows else "speed not measured (eval.speed: false)",
+             "tokens/s")
+
+
+def offline_template() -> str:
+    scripts = "\n".join(f"<script>{(VEGA_DIR / name).read_text(encoding='utf-8')}</script>"
+                        for name in ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js"))
+    return ("<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<meta charset=\"utf-8\">\n<title>dropquant plots</title>\n"
+            + scripts + "\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n")
+
+
+def write_offline_template(path: Path) -> None:
+    write_text(path, offline_template())

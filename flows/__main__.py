@@ -1,0 +1,93 @@
+"""`python -m flows <command>`: run the pipeline through Prefect.
+
+  variant  one variant, each DVC stage a Prefect task      python -m flows variant -S drop.n=4 [--name attn-4]
+  sweep    a grid of variants as DVC experiments + report  python -m flows sweep -m attn mlp -n 4 8 -q Q8_0
+  serve    the sweep on a schedule, local Prefect server   python -m flows serve [--cron "0 3 * * *"]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("variant", help="run the pipeline for params.yaml (+ overrides), one Prefect task per stage")
+    v.add_argument("--repo", default=".", help="DVC repository (default: the current directory)")
+    v.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="write an override into params.yaml first, as `dvc exp run -S` does (repeatable)")
+    v.add_argument("--stages", nargs="+", help="run only these stages (in DAG order)")
+    v.add_argument("--name", help="save the result as a DVC experiment of this name")
+    v.add_argument("--retries", type=int, default=0, help="retries of a stage that crashed (not of a refused input)")
+
+    def grid_args(g):
+        g.add_argument("--repo", default=".", help="DVC repository (default: the current directory)")
+        g.add_argument("-m", "--methods", nargs="+", help="drop methods (default: params.yaml sweep.methods)")
+        g.add_argument("-n", "--n", nargs="+", type=int, help="drop counts (default: sweep.n)")
+        g.add_argument("-q", "--quant-types", nargs="+", help="GGUF types (default: sweep.quant_types)")
+        g.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override applied to every variant, e.g. -S eval.limit=50 (repeatable)")
+
+    s = sub.add_parser("sweep", help="run a grid of variants as DVC experiments and write the comparison report")
+    grid_args(s)
+    s.add_argument("--out", help="report folder (default: reports/sweep-<time>/)")
+    s.add_argument("--title", help="report title")
+
+    r = sub.add_parser("serve", help="serve the sweep on a schedule from a local Prefect server (127.0.0.1)")
+    grid_args(r)
+    r.add_argument("--cron", help="cron schedule (default: params.yaml sweep.cron)")
+    r.add_argument("--interval", type=float, help="schedule every INTERVAL seconds instead of a cron")
+    r.add_argument("--port", type=int, default=4200, help="Prefect server port on 127.0.0.1 (default 4200)")
+    return p
+
+
+def _grid_parameters(args) -> dict:
+    out = {"methods": args.methods, "n": args.n, "quant_types": args.quant_types, "overrides": args.overrides or None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # Prefect prints flow and task logs itself; this is for the serve helper's own messages.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.command == "serve":
+        from flows.serve import serve_sweep
+
+        try:
+            serve_sweep(args.repo, cron=args.cron, interval=args.interval, port=args.port,
+                        parameters=_grid_parameters(args))
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    from flows._dvc import DvcFailed, RepoBusy
+
+    try:
+        if args.command == "variant":
+            from flows.variant import variant_flow
+
+            result = variant_flow(repo=args.repo, overrides=args.overrides, stages=args.stages,
+                                  experiment=args.name, retries=args.retries)
+        else:
+            from flows.sweep import sweep_flow
+
+            result = sweep_flow(repo=args.repo, out=args.out, title=args.title, **_grid_parameters(args))
+            print(f"report: {result['report']['report.md']}")
+            for f in result["failures"]:
+                print(f"failed: {f['name']}: {f['error']}", file=sys.stderr)
+    except (DvcFailed, RepoBusy, FileNotFoundError) as err:
+        print(f"dropquant flows {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "variant":
+        print(json.dumps(result["stages"]))
+    return 1 if args.command == "sweep" and result["failures"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

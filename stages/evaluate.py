@@ -1,0 +1,129 @@
+"""Evaluate a variant against the unpruned model: lm-eval accuracy, fidelity (perplexity, KL divergence,
+top-1 agreement) and llama.cpp speed and memory, side by side.
+
+`--baseline` evaluates the unpruned GGUF once (accuracy and the fidelity reference) into data/baseline/eval,
+which DVC caches per quant type and eval parameters; the plain stage reuses it and runs the speed A/B.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from dropquant.atomic import atomic_dir, write_json
+from dropquant.errors import DropquantError
+from dropquant.evaluation.accuracy import evaluate_accuracy, make_lm
+from dropquant.evaluation.fidelity import Reference, build_reference, compare, heldout_text
+from dropquant.evaluation.metrics import build_metrics
+from dropquant.evaluation.plots import write_offline_template, write_plots
+from dropquant.evaluation.speed import ab_compare
+from dropquant.evaluation.tasks import resolve_data_dir
+
+log = logging.getLogger("dropquant.evaluate")
+
+VARIANT_GGUF = "data/gguf/model.gguf"
+BASE_GGUF = "data/baseline/gguf/model.gguf"
+PLAN = "data/drop/plan.json"
+BASE_EVAL = "data/baseline/eval"
+OUT = "data/eval"
+
+
+def _data_dir(params):
+    data_dir = resolve_data_dir(params.eval.data_dir, Path.cwd())
+    if data_dir is not None and not data_dir.is_dir():
+        log.warning("eval.data_dir %s does not exist: reading task data from the Hugging Face hub instead", data_dir)
+        return None
+    return data_dir
+
+
+def _reuse_key(params) -> dict:
+    """The eval parameters the baseline's numbers depend on: a variant is only compared with a matching baseline."""
+    e = params.eval
+    return {"tasks": list(e.tasks), "limit": e.limit, "fewshot": e.fewshot, "data_dir": e.data_dir,
+            "fidelity_tokens": e.fidelity_tokens, "n_ctx": e.n_ctx, "quant_type": params.quantize.type}
+
+
+def _require(path: str, hint: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DropquantError(f"{path} not found ({hint})")
+    return p
+
+
+def run_baseline(params, args) -> None:
+    e = params.eval
+    base = _require(args.base_gguf, "run the baseline stage: python -m stages.quantize --baseline")
+    data_dir = _data_dir(params)
+    accuracy = evaluate_accuracy(make_lm(base, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
+    ref = None
+    if e.fidelity_tokens:
+        text, source = heldout_text(data_dir)
+        ref = build_reference(base, text, e.fidelity_tokens, e.threads, source=source)
+    with atomic_dir(args.base_eval) as tmp:
+        write_json(tmp / "accuracy.json", accuracy)
+        if ref is not None:
+            ref.save(tmp / "fidelity_ref.npz")
+        write_json(tmp / "manifest.json", {"gguf": str(base), "gguf_bytes": os.path.getsize(base),
+                                           "base_ppl": ref.ppl if ref is not None else None,
+                                           "params": _reuse_key(params)})
+    log.info("baseline: avg %s, ppl %s -> %s", accuracy["avg"], ref.ppl if ref is not None else None, args.base_eval)
+
+
+def run_variant(params, args) -> None:
+    e = params.eval
+    variant = _require(args.gguf, "run the quantize stage")
+    base = _require(args.base_gguf, "run the baseline stage: python -m stages.quantize --baseline")
+    base_eval = Path(args.base_eval)
+    manifest = json.loads(_require(str(base_eval / "manifest.json"),
+                                   "run the baseline_eval stage: python -m stages.evaluate --baseline").read_text())
+    if manifest.get("params") != _reuse_key(params):
+        raise DropquantError(f"{base_eval} was computed with {manifest.get('params')}, but the current parameters are "
+                             f"{_reuse_key(params)}: rerun python -m stages.evaluate --baseline (dvc repro does)")
+    base_accuracy = json.loads((base_eval / "accuracy.json").read_text())
+    plan = json.loads(Path(args.plan).read_text()) if Path(args.plan).is_file() else {}
+    method, n = plan.get("method", params.drop.method), plan.get("n", params.drop.n)
+
+    data_dir = _data_dir(params)
+    accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
+    fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads) if e.fidelity_tokens else None
+    speed = ab_compare(variant, base, rounds=e.speed_rounds, threads=e.threads) if e.speed else None
+
+    metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
+                            accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,
+                            variant_bytes=os.path.getsize(variant))
+    out = Path(args.out)
+    label = f"{method}-{n} {params.quantize.type}"
+    with atomic_dir(out / "plots") as tmp:
+        write_plots(tmp, accuracy, base_accuracy, speed, label)
+        write_offline_template(tmp / "offline_template.html")
+    write_json(out / "details.json", {"accuracy": accuracy, "base_accuracy": base_accuracy, "fidelity": fidelity,
+                                      "speed": speed, "variant": str(variant), "base": str(base)})
+    write_json(out / "metrics.json", metrics)
+    log.info("evaluate %s: avg %s (base %s), ppl %s (base %s), kld %s, top1 %s, speedup pp %s tg %s",
+             label, metrics["avg"], metrics["base_avg"], metrics["ppl"], metrics["base_ppl"], metrics["kld"],
+             metrics["top1_agree"], metrics["speedup_pp"], metrics["speedup_tg"])
+
+
+def run(params, args) -> None:
+    (run_baseline if args.baseline else run_variant)(params, args)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--baseline", action="store_true",
+                        help="evaluate the unpruned GGUF once (accuracy + fidelity reference) into data/baseline/eval")
+    parser.add_argument("--gguf", default=VARIANT_GGUF, help=f"variant GGUF (default {VARIANT_GGUF})")
+    parser.add_argument("--base-gguf", default=BASE_GGUF, help=f"unpruned GGUF, same quant type (default {BASE_GGUF})")
+    parser.add_argument("--plan", default=PLAN, help=f"drop plan, for labelling (default {PLAN})")
+    parser.add_argument("--base-eval", default=BASE_EVAL, help=f"baseline evaluation folder (default {BASE_EVAL})")
+    parser.add_argument("--out", default=OUT, help=f"output folder (default {OUT})")
+
+
+def main(argv=None) -> int:
+    from stages._cli import stage_main
+
+    return stage_main("evaluate", __doc__, run, argv, add_arguments)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Quantize: the pruned checkpoint -> a GGUF file that llama.cpp runs, at quantize.type (--baseline: the unpruned model)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from stages._cli import stage_main
+
+log = logging.getLogger("dropquant.quantize")
+PRUNED = Path("data/pruned")
+PLAN = Path("data/drop/plan.json")
+CALIBRATION = Path("data/calibration/tokens.safetensors")
+OUT = Path("data/gguf")
+BASELINE_OUT = Path("data/baseline/gguf")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_calibration(path: Path):
+    from safetensors.torch import load_file
+
+    from dropquant.errors import DropquantError
+
+    if not path.is_file():
+        raise DropquantError(f"quantize.imatrix needs the calibration tokens {path}; run the calibrate stage first")
+    tokens = load_file(str(path)).get("input_ids")
+    if tokens is None or tokens.ndim != 2:
+        raise DropquantError(f"{path}: expected a tensor 'input_ids' of shape [n_samples, seq_len]")
+    return tokens
+
+
+def run(params, args) -> None:
+    from dropquant.atomic import atomic_dir, write_json
+    from dropquant.errors import DropquantError
+    from dropquant.gguf_export import export_model
+    from dropquant.models import load_config, load_model, load_tokenizer, model_identity, resolve_source
+    from dropquant.quantization import (NEEDS_IMATRIX, UNQUANTIZED, collect_imatrix, imatrix_means, llama_ftype,
+                                        module_gguf_names, neutral_stats, quantize_gguf, write_imatrix)
+
+    qtype = params.quantize.type
+    llama_ftype(qtype)
+    if qtype in NEEDS_IMATRIX and not params.quantize.imatrix:
+        raise DropquantError(f"quantize.type={qtype} needs an importance matrix: set quantize.imatrix: true")
+    use_imatrix = params.quantize.imatrix and qtype not in UNQUANTIZED
+    if params.quantize.imatrix and not use_imatrix:
+        log.info("quantize.imatrix ignored: %s is not a quantized type", qtype)
+    source = resolve_source(params.model.source, params.model.revision)
+    out = args.out or (BASELINE_OUT if args.baseline else OUT)
+    calibration = load_calibration(args.calibration) if use_imatrix else None
+
+    if args.baseline:
+        config = load_config(source)
+        identity, plan = model_identity(config, source), None
+        model = load_model(source)
+    else:
+        from dropquant.pruning import load_pruned
+
+        if not (args.pruned / "config.json").is_file() or not args.plan.is_file():
+            raise DropquantError(f"no pruned model at {args.pruned} (or no {args.plan}); run the drop stage first")
+        plan = json.loads(args.plan.read_text())
+        identity = plan.get("model")
+        model = load_pruned(args.pruned)
+
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+        # Tokenizer: a GGUF source's own tokenizer keys are carried over verbatim; otherwise the HF tokenizer.
+        if source.gguf_path is not None:
+            tok = {"tokenizer_gguf": source.gguf_path}
+        elif not args.baseline:
+            tok = {"tokenizer_dir": args.pruned}
+        else:
+            load_tokenizer(source).save_pretrained(scratch)
+            tok = {"tokenizer_dir": scratch}
+        f32 = tmp / "model.f32.gguf"
+        log.info("exporting %s to GGUF (F32)", "the unpruned model" if args.baseline else args.pruned)
+        info = export_model(model, f32, name=f"{source.spec} {'baseline' if args.baseline else 'dropquant'}", **tok)
+        log.info("layout: %s", json.dumps({k: v for k, v in info.summary().items() if k != "source_layers"}))
+
+        imatrix_record = None
+        means = None
+        if use_imatrix:
+            modules = module_gguf_names(info.tensor_names)
+            stats = collect_imatrix(model, calibration, modules, batch_size=1, progress=True)
+            n_tok = int(calibration.numel())
+            stats.update(neutral_stats(list(info.standin_columns), info.standin_columns, n_tok))
+            write_imatrix(tmp / "imatrix.gguf", stats, chunk_size=calibration.shape[1],
+                          chunk_count=calibration.shape[0], datasets=[str(args.calibration)])
+            means = imatrix_means(stats)
+            imatrix_record = {"file": "imatrix.gguf", "tensors": len(stats), "tokens": n_tok}
+            log.info("importance matrix: %d tensors from %d calibration tokens", len(stats), n_tok)
+        del model
+
+        final = tmp / "model.gguf"
+        if qtype == "F32":
+            f32.rename(final)
+        else:
+            log.info("quantizing to %s with llama.cpp%s", qtype, " and the importance matrix" if means else "")
+            quantize_gguf(f32, final, qtype, imatrix=means)
+            f32.unlink()
+        manifest = {
+            "type": qtype,
+            "size_bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+            "arch": info.arch,
+            "plan": plan,
+            "model": identity,
+            "baseline": bool(args.baseline),
+            "imatrix": imatrix_record,
+            "layout": info.summary(),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    log.info("wrote %s/model.gguf (%s, %s, %.1f MB)", out, qtype, info.arch, manifest["size_bytes"] / 1e6)
+
+
+def main(argv=None) -> int:
+    def add(p):
+        p.add_argument("--baseline", action="store_true",
+                       help=f"export the unpruned model.source instead (default output {BASELINE_OUT})")
+        p.add_argument("--pruned", type=Path, default=PRUNED, help=f"pruned checkpoint (default {PRUNED})")
+        p.add_argument("--plan", type=Path, default=PLAN, help=f"drop plan (default {PLAN})")
+        p.add_argument("--calibration", type=Path, default=CALIBRATION,
+                       help=f"calibration tokens for quantize.imatrix (default {CALIBRATION})")
+        p.add_argument("--out", type=Path, default=None, help=f"output directory (default {OUT}, or {BASELINE_OUT})")
+    return stage_main("quantize", __doc__, run, argv, add)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""The evaluate stage's pieces: the llama.cpp lm-eval adapter, fidelity metrics, task data handling, metrics keys."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from dropquant.models import embedded_gguf_path
+
+    return embedded_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, embedded):
+    """A tiny random Llama (SmolLM2's vocabulary) and the same weights as an F32 GGUF."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dropquant.gguf_export import export_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked next-token distributions, so log-probs differ from token to token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf"
+    export_model(model, path, tokenizer_gguf=embedded, out_type="F32", name="tiny")
+    return model, path
+
+
+def _torch_logprob(model, ctx: list[int], cont: list[int]) -> float:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx + cont])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def test_loglikelihood_matches_torch(tiny):
+    from dropquant.evaluation.llamacpp_lm import LlamaCppLM
+
+    model, path = tiny
+    rng = np.random.default_rng(0)
+    contexts = [rng.integers(100, 49000, size=n).tolist() for n in (5, 23, 60)]
+    reqs = [(None, ctx, rng.integers(100, 49000, size=k).tolist()) for ctx in contexts for k in (1, 3, 7)]
+    reqs.append((None, contexts[1][:10], contexts[1][10:23]))  # a continuation lying inside a cached sequence
+    lm = LlamaCppLM(path, n_ctx=256, threads=1)
+    got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    naive = LlamaCppLM(path, n_ctx=256, threads=1, reuse_kv=False)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    # KV reuse must not change the numbers, and must save work (one context evaluation shared by its choices).
+    assert lm.tokens_evaluated < sum(len(c) + len(t) - 1 for _, c, t in reqs)
+    for (_, ctx, cont), (lp, greedy), (lp_naive, _) in zip(reqs, got, naive):
+        want = _torch_logprob(model, ctx, cont)
+        # llama.cpp keeps K and V in F16 (relative precision 2^-11) and flash attention rounds Q to F16, so
+        # log-probs of this peaked random model (|sum| ~ 12 nats a token) differ from torch's float32 by up to
+        # ~3e-3 nats a token (measured), depending on how tokens are split into batches. 5e-3 per token
+        # still catches any real mistake: a wrong token, position or logit row moves the sum by nats.
+        assert abs(lp - want) <= 5e-3 * len(cont), (lp, want)
+        assert abs(lp - lp_naive) <= 5e-3 * len(cont), (lp, lp_naive)
+        assert isinstance(greedy, bool)
+
+
+def test_rolling_matches_sum_of_tokens(tiny):
+    from lm_eval.api.instance import Instance
+
+    from dropquant.evaluation.llamacpp_lm import LlamaCppLM
+
+    model, path = tiny
+    lm = LlamaCppLM(path, n_ctx=64, threads=1)
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    toks = lm.tok_encode(text)
+    assert len(toks) > 64  # several rolling windows
+    (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    first = _torch_logprob(model, [lm.prefix_token_id], toks[:63])
+    assert got < first < 0  # more tokens, more negative log-likelihood
+    assert np.isfinite(got)
+
+
+def test_generate_until_stops_at_stop_string(embedded):
+    from lm_eval.api.instance import Instance
+
+    from dropquant.evaluation.llamacpp_lm import LlamaCppLM
+
+    lm = LlamaCppLM(embedded, n_ctx=512, threads=1)
+    prompt = "The capital of France is"
+    free = lm.greedy_until(prompt, [], 24)
+    assert len(free) > 30, free
+    stop = free[12:16]
+    cut = lm.greedy_until(prompt, [stop], 24)
+    assert cut == free[: free.find(stop)] and stop not in cut
+    # through lm-eval's interface, with several stop strings: the earliest one wins
+    stops = [free[20:24], free[6:9]]
+    (out,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": stops, "max_gen_toks": 24}), 0)],
+                               disable_tqdm=True)
+    assert out == free[: min(free.find(x) for x in stops)]
+
+
+def test_bucketed_kl_is_exact_with_full_vocab_and_a_lower_bound_otherwise():
+    from dropquant.evaluation.fidelity import bucketed_kl
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5, 300)) * 3
+    b = a + rng.normal(size=(5, 300))
+    la = a - np.log(np.exp(a).sum(-1, keepdims=True))
+    lb = b - np.log(np.exp(b).sum(-1, keepdims=True))
+    full = (np.exp(la) * (la - lb)).sum(-1)
+    order = np.argsort(-la, axis=-1)
+    exact = bucketed_kl(np.take_along_axis(la, order, -1), order, lb)
+    np.testing.assert_allclose(exact, full, rtol=1e-9, atol=1e-12)
+    k = order[:, :20]
+    approx = bucketed_kl(np.take_along_axis(la, k, -1), k, lb)
+    assert np.all(approx <= full + 1e-12) and np.all(approx > 0.3 * full)
+    assert np.allclose(bucketed_kl(np.take_along_axis(la, k, -1), k, la), 0.0, atol=1e-12)
+
+
+def test_fidelity_identical_files(embedded, tmp_path):
+    from dropquant.evaluation.fidelity import Reference, build_reference, compare
+
+    text = (DATA / "wikitext2" / "wiki.test.raw-lines.txt").read_text() if DATA.is_dir() else None
+    if text is None:
+        from dropquant.evaluation.fidelity import _offline_text
+
+        text = _offline_text()
+    ref = build_reference(embedded, text, 1024, threads=1, source="test")
+    ref.save(tmp_path / "ref.npz")
+    ref = Reference.load(tmp_path / "ref.npz")
+    assert ref.chunks.shape == (2, 512) and ref.top_ids.shape == (2 * 255, 64)
+    out = compare(embedded, ref, threads=1)
+    assert abs(out["kld"]) < 1e-6 and out["top1_agree"] == 1.0
+    assert out["ppl"] == pytest.approx(out["base_ppl"], rel=1e-6) and 1 < out["ppl"] < 1000
+
+
+def test_tasks_missing_locally_are_skipped_with_a_warning(tmp_path, caplog):
+    from dropquant.evaluation.tasks import prepare_tasks
+
+    (tmp_path / "data" / "piqa").mkdir(parents=True)
+    (tmp_path / "data" / "piqa" / "validation.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n')
+    with caplog.at_level(logging.WARNING):
+        run, skipped = prepare_tasks(["piqa", "boolq", "mmlu"], tmp_path / "data", tmp_path / "inc")
+    assert run == ["piqa"] and skipped == ["boolq", "mmlu"]
+    assert "'boolq'" in caplog.text and "'mmlu'" in caplog.text
+    assert "include:" in (tmp_path / "inc" / "piqa.yaml").read_text()
+
+
+class _NoCallLM:
+    """Stands in for a model where no request may arrive (every task is skipped)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the model was used ({name}) although no task had data")
+
+
+def test_offline_hub_tasks_are_skipped_not_fatal(monkeypatch, caplog):
+    from dropquant.evaluation.accuracy import evaluate_accuracy
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("DROPQUANT_EVAL_DATA", raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", "/nonexistent-dropquant-cache")
+    with caplog.at_level(logging.WARNING):
+        out = evaluate_accuracy(_NoCallLM(), ["rte"], limit=5, data_dir=None)
+    assert out["tasks"] == {} and out["skipped"] == ["rte"] and out["avg"] is None
+    assert "'rte'" in caplog.text
+
+
+def test_every_metric_key_present():
+    from dropquant.evaluation.metrics import REQUIRED_KEYS, build_metrics
+
+    acc = {"tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.4}, "boolq": {"acc": 0.6, "acc_norm": None}}}
+    base = {"tasks": {"arc_easy": {"acc": 0.6, "acc_norm": 0.5}, "boolq": {"acc": 0.7, "acc_norm": None}}}
+    speed = {m: {"pp512": 100.0, "pp2048": 90.0, "tg0": 50.0, "tg2048": 40.0, "kv_cache_bytes": 2**20 * 45,
+                 "peak_rss_bytes": 10**8} for m in ("variant", "base")}
+    speed["speedup"] = {"pp512": 1.1, "pp2048": 1.2, "tg0": 1.0, "tg2048": 1.3}
+    m = build_metrics(method="attn", n=8, quant_type="Q4_K_M", tasks=["arc_easy", "boolq", "piqa"], accuracy=acc,
+                      base_accuracy=base, fidelity={"ppl": 20.0, "base_ppl": 18.0, "kld": 0.1, "top1_agree": 0.9},
+                      speed=speed, variant_bytes=50_000_000)
+    assert all(k in m for k in REQUIRED_KEYS)
+    assert set(m["tasks"]) == {"arc_easy", "boolq", "piqa"}
+    assert all({"acc", "acc_norm"} <= set(t) for t in m["tasks"].values())
+    assert m["avg"] == pytest.approx((0.4 + 0.6) / 2) and m["base_avg"] == pytest.approx((0.5 + 0.7) / 2)
+    assert m["speedup_pp"] == 1.2 and m["speedup_tg"] == 1.3 and m["kv_cache_mib"] == 45.0
+    assert m["skipped_tasks"] == ["piqa"] and m["size_mb"] == 50.0
+
+
+def test_integration_two_local_tasks(embedded):
+    if not (DATA / "arc_easy").is_dir() or not (DATA / "piqa").is_dir():
+        pytest.skip(f"shared task data not found at {DATA}")
+    from dropquant.evaluation.accuracy import evaluate_accuracy, make_lm
+
+    out = evaluate_accuracy(make_lm(embedded, n_ctx=1024, threads=1), ["arc_easy", "piqa"], limit=10, data_dir=DATA)
+    assert out["skipped"] == []
+    for name in ("arc_easy", "piqa"):
+        t = out["tasks"][name]
+        assert t["n"] == 10 and 0 <= t["acc"] <= 1 and 0 <= t["acc_norm"] <= 1
+    assert out["avg"] == pytest.approx((out["tasks"]["arc_easy"]["acc_norm"] + out["tasks"]["piqa"]["acc_norm"]) / 2)

@@ -1,0 +1,270 @@
+"""Prefect flows over real DVC, on a tiny random Llama in a temporary git + DVC copy of the project.
+
+Order matters (one repository per module, each test building on the last, as a user would): the variant flow
+runs the first stages, the sweep runs two variants (and two impossible ones) as experiments, a finished
+variant is reproduced bit for bit, and a real Prefect server fires the scheduled sweep.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, SHARED_DATA, make_tiny_llama
+
+# Before Prefect is imported anywhere in this process: its home (profiles, local storage) in a temporary folder.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dropquant-test-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+
+DVC = str(Path(sys.executable).with_name("dvc"))
+COPY = ("dvc.yaml", "params.yaml", ".dvcignore", "dropquant", "stages")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    from flows._dvc import _env
+
+    # The stages' `python` must be this venv's, as for the flows.
+    out = subprocess.run([DVC, *args], cwd=repo, capture_output=True, text=True, env=_env())
+    if check and out.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A git + DVC repository with this project's dvc.yaml and code, on a 4-layer random Llama with a real tokenizer."""
+    from dropquant.models import load_tokenizer, resolve_source
+
+    base = tmp_path_factory.mktemp("flows")
+    model = base / "model"
+    make_tiny_llama(seed=0, layers=4, vocab=49152, hidden=64).save_pretrained(model)
+    load_tokenizer(resolve_source("embedded")).save_pretrained(model)
+    repo = base / "repo"
+    repo.mkdir()
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copy2(src, repo / name)
+    (repo / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["source"] = str(model)
+    params["calibration"].update(source="calib.txt", n_samples=2, seq_len=32)
+    params["drop"].update(method="attn", n=1)
+    tasks = ["arc_easy"] if (SHARED_DATA / "arc_easy").is_dir() else []
+    params["eval"].update(tasks=tasks, limit=2, speed=False, fidelity_tokens=512, n_ctx=256, threads=1,
+                          data_dir=str(SHARED_DATA))
+    params["sweep"] = {"methods": ["attn", "mlp"], "n": [1], "quant_types": ["Q8_0"], "cron": "0 3 * * *"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text("reports/\n__pycache__/\n")
+    git = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "init", "-q")
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "tiny pipeline"], cwd=repo, check=True)
+    # Experiments are commits: give them an identity in this repository only.
+    subprocess.run(["git", "config", "user.email", "test@example.com"], cwd=repo, check=True)
+    subprocess.run(["git", "config", "user.name", "test"], cwd=repo, check=True)
+    return repo
+
+
+def _tmp_leftovers(repo: Path) -> list[Path]:
+    return list((repo / "data").rglob(".*.tmp")) if (repo / "data").is_dir() else []
+
+
+def test_stage_order_follows_dvc_yaml(tiny_repo):
+    from flows._dvc import stage_order
+
+    order = stage_order(tiny_repo)
+    stages = set(yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["stages"])
+    assert set(order) == stages
+    for before, after in (("calibrate", "score"), ("score", "drop"), ("drop", "quantize")):
+        assert order.index(before) < order.index(after)
+    if "evaluate" in stages:
+        assert order.index("quantize") < order.index("evaluate")
+
+
+def test_variant_flow_runs_each_stage_as_a_task(tiny_repo, prefect_harness):
+    from flows.variant import variant_flow
+
+    first = variant_flow(repo=str(tiny_repo), stages=["calibrate", "score"])
+    assert [s["stage"] for s in first["stages"]] == ["calibrate", "score"]
+    assert [s["status"] for s in first["stages"]] == ["ran", "ran"]
+    assert all(s["seconds"] > 0 for s in first["stages"])
+    again = variant_flow(repo=str(tiny_repo), stages=["score", "calibrate"])
+    assert [(s["stage"], s["status"]) for s in again["stages"]] == [("calibrate", "unchanged"), ("score", "unchanged")]
+
+
+def test_variant_flow_fails_with_the_stage_message(tiny_repo, prefect_harness):
+    from flows._dvc import DvcFailed
+    from flows.variant import variant_flow
+
+    params = (tiny_repo / "params.yaml").read_text()
+    try:
+        with pytest.raises(DvcFailed) as err:
+            variant_flow(repo=str(tiny_repo), overrides=["drop.n=99"], stages=["drop"])
+        assert str(err.value).startswith("dropquant drop: error: drop.n=99 is larger than")
+        assert err.value.stage == "drop" and err.value.user_error
+        assert not _tmp_leftovers(tiny_repo)
+        assert not (tiny_repo / "data" / "pruned").exists()
+    finally:
+        (tiny_repo / "params.yaml").write_text(params)
+
+
+def test_sweep_makes_experiments_and_a_report(tiny_repo, prefect_harness, tmp_path):
+    from flows.sweep import sweep_flow
+
+    out = tmp_path / "report"
+    # attn-9 and mlp-9 are impossible on 4 layers: reported with their error, the other variants still run.
+    result = sweep_flow(repo=str(tiny_repo), n=[9, 1], out=str(out))
+    assert result["experiments"] == ["attn-1-Q8_0", "mlp-1-Q8_0"]
+    assert [f["name"] for f in result["failures"]] == ["attn-9-Q8_0", "mlp-9-Q8_0"]
+    for f in result["failures"]:
+        assert "dropquant drop: error: drop.n=9" in f["error"] and f["stage"] == "drop"
+    assert not _tmp_leftovers(tiny_repo)
+
+    shown = json.loads(_dvc(tiny_repo, "exp", "show", "--json").stdout)
+    exps = {r["name"]: r for b in shown for g in (b.get("experiments") or []) for r in g["revs"]}
+    assert {"attn-1-Q8_0", "mlp-1-Q8_0"} <= set(exps)
+    assert not {"attn-9-Q8_0", "mlp-9-Q8_0"} & set(exps)
+    for name, method in (("attn-1-Q8_0", "attn"), ("mlp-1-Q8_0", "mlp")):
+        metrics = exps[name]["data"]["metrics"]["data/eval/metrics.json"]["data"]
+        assert (metrics["method"], metrics["n"], metrics["quant_type"]) == (method, 1, "Q8_0")
+        assert metrics["size_mb"] > 0
+
+    md = (out / "report.md").read_text()
+    assert "| attn-1-Q8_0 | attn | 1 | Q8_0 |" in md and "| mlp-1-Q8_0 | mlp | 1 | Q8_0 |" in md
+    assert "attn-9-Q8_0" in md and "drop.n=9 is larger than" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<script" not in page and "http" not in page.split("<body>")[1]
+    # calibrate and score ran once (in the variant flow) and every variant reused them.
+    for v in json.loads((out / "sweep.json").read_text())["variants"]:
+        status = {s["stage"]: s["status"] for s in v["stages"]}
+        assert status["calibrate"] in ("unchanged", "run-cache") and status["score"] in ("unchanged", "run-cache")
+    mlp = next(v for v in json.loads((out / "sweep.json").read_text())["variants"] if v["name"] == "mlp-1-Q8_0")
+    assert {s["stage"]: s["status"] for s in mlp["stages"]}["drop"] == "ran"
+
+
+def test_a_finished_variant_reproduces_bit_for_bit(tiny_repo):
+    _dvc(tiny_repo, "exp", "apply", "attn-1-Q8_0")
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    assert (params["drop"]["method"], params["drop"]["n"]) == ("attn", 1)
+    # Forced re-runs of the pruning and the quantization write exactly the bytes the experiment recorded.
+    for stage in ("drop", "quantize"):
+        _dvc(tiny_repo, "repro", "--force", "--single-item", stage)
+    after = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
+    for stage in ("drop", "quantize"):
+        assert after[stage]["outs"] == lock[stage]["outs"], stage
+    assert "up to date" in _dvc(tiny_repo, "status").stdout
+
+
+def test_concurrent_runs_get_a_clear_message(tiny_repo, prefect_harness):
+    from flows._dvc import RepoBusy, repo_lock
+    from flows.variant import variant_flow
+
+    # A second flow on the same repository is refused before it touches anything.
+    with repo_lock(tiny_repo, "test holder"):
+        with pytest.raises(RepoBusy, match="another dropquant flow is running .*test holder"):
+            variant_flow(repo=str(tiny_repo), stages=["calibrate"])
+    # A DVC command holding outputs (DVC's own lock file names the process) is refused as well.
+    rwlock = tiny_repo / ".dvc" / "tmp" / "rwlock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rwlock.write_text(json.dumps({"write": {str(tiny_repo / "data" / "drop"): {"pid": sleeper.pid,
+                                                                                  "cmd": "dvc repro drop"}},
+                                      "read": {}}))
+        with pytest.raises(RepoBusy, match="a DVC command is running .*dvc repro drop"):
+            variant_flow(repo=str(tiny_repo), stages=["calibrate"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        rwlock.write_text("{}")
+
+
+def test_dvc_busy_output_becomes_a_clear_error():
+    from flows._dvc import DvcResult, failure_message
+
+    lines = ["Running stage 'drop':", "ERROR: failed to reproduce 'drop': '/r/data/drop' is busy, it is being blocked by:",
+             "  (PID 123): dvc exp run -n x", "", "If there are no processes with such PIDs, you can manually remove"]
+    err = failure_message(DvcResult(255, lines))
+    assert err.busy and "the repository is busy" in str(err) and "PID 123" in str(err)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flow_runs(url: str) -> list[dict]:
+    import httpx
+
+    r = httpx.post(f"{url}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC", "limit": 20}, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_scheduled_sweep_fires_on_a_real_server(tiny_repo, tmp_path, monkeypatch):
+    from flows.serve import healthy, start_server, stop
+
+    home = tmp_path / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
+    port = _free_port()
+    try:
+        url, server = start_server("127.0.0.1", port, log_file=home / "server.log", timeout=120)
+    except RuntimeError as err:
+        pytest.skip(f"a local Prefect server could not start here: {err}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_RUNNER_POLL_FREQUENCY="2", PYTHONPATH=str(ROOT))
+    serve = subprocess.Popen([sys.executable, "-m", "flows", "serve", "--repo", str(tiny_repo), "--port", str(port),
+                              "--interval", "15", "-m", "attn", "-n", "1", "-q", "Q8_0"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(serve.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        finished = []
+        while time.monotonic() < deadline and not finished:
+            assert serve.poll() is None, "serve exited early:\n" + "".join(output[-40:])
+            finished = [r for r in _flow_runs(url) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+            time.sleep(2)
+        assert finished, "no scheduled run finished within 180 s:\n" + "".join(output[-40:])
+        run = finished[0]
+        assert run["state_type"] == "COMPLETED", f"{run['state_name']}: " + "".join(output[-40:])
+        assert run["deployment_id"] and run["auto_scheduled"]
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGINT)
+            try:
+                serve.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
+                serve.wait(5)
+        stop(server)
+    assert not healthy(url)
