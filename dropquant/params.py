@@ -73,10 +73,10 @@ class QuantizeParams(_Section):
 
 class EvalParams(_Section):
     tasks: list[Literal[EVAL_TASKS]] = ["arc_easy", "hellaswag", "piqa"]
-    limit: int = Field(200, ge=0)  # items per task; 0 = all
+    limit: int = Field(100, ge=0)  # items per task; 0 = all
     fewshot: Union[Literal["paper"], int] = 0
     data_dir: Optional[str] = "../shared/data"
-    fidelity_tokens: int = Field(8192, ge=0)
+    fidelity_tokens: int = Field(4096, ge=0)
     speed: bool = True
     threads: int = Field(2, ge=1)
     n_ctx: int = Field(2048, ge=256)  # llama.cpp context for the benchmark tasks (few-shot prompts must fit)

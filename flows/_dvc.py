@@ -23,6 +23,7 @@ UNCHANGED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
 RUN_CACHE = re.compile(r"^Stage '([^']+)' is cached - skipping run, checking out outputs")
 STAGE_ERROR = re.compile(r"^dropquant \S+: error: ")
 DVC_ERROR = re.compile(r"^ERROR: ")
+FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
 BUSY = "is busy, it is being blocked by"
 # tqdm redraws with \r, which text mode turns into one line per redraw: keep only the finished bar.
 PROGRESS = re.compile(r"\d+%\|")
@@ -114,9 +115,15 @@ def run_dvc(args: list[str], repo: Path, log: Callable[[str], None] = print) -> 
         log(line)
     result.returncode = proc.wait()
     now = time.monotonic()
-    if result.returncode != 0 and current:
-        result.stages.append(StageEvent(current[0], "failed", round(now - current[1], 2)))
-        current = None
+    if result.returncode != 0:
+        # DVC names the stage that failed; it may never have started (e.g. a missing parameter).
+        named = next((m.group(1) for line in reversed(result.lines) if (m := FAILED_STAGE.search(line))), None)
+        if current and named in (None, current[0]):
+            result.stages.append(StageEvent(current[0], "failed", round(now - current[1], 2)))
+            current = None
+        elif named:
+            close(now)
+            result.stages.append(StageEvent(named, "failed"))
     close(now)
     return result
 

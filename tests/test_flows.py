@@ -268,3 +268,23 @@ def test_scheduled_sweep_fires_on_a_real_server(tiny_repo, tmp_path, monkeypatch
                 serve.wait(5)
         stop(server)
     assert not healthy(url)
+
+
+def test_a_stage_that_fails_before_it_starts_is_named(tmp_path):
+    """DVC can refuse a stage before running it (a parameter missing from params.yaml): blame that stage."""
+    from flows._dvc import check, run_dvc
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "init", "-q")
+    (repo / "params.yaml").write_text("a: {x: 1}\n")
+    (repo / "dvc.yaml").write_text("stages:\n  one:\n    cmd: echo one > one.txt\n    outs: [one.txt]\n"
+                                   "  two:\n    cmd: echo two > two.txt\n    deps: [one.txt]\n    params: [a.missing]\n"
+                                   "    outs: [two.txt]\n")
+    from flows._dvc import DvcFailed
+
+    with pytest.raises(DvcFailed) as err:
+        check(run_dvc(["repro"], repo, lambda line: None))
+    assert err.value.stage == "two" and "a.missing" in str(err.value)
+    assert [(e.stage, e.status) for e in err.value.stages] == [("one", "ran"), ("two", "failed")]
