@@ -66,8 +66,17 @@ def _measure(model_path: str, threads: int, tg_tokens: int) -> dict:
     out["tg0"] = tg()
     out["pp2048"] = pp(2048)
     out["tg2048"] = tg()
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = peak_rss_bytes()
     return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that over exec from the forking
+    parent, so a child of a large process would report the parent's size. VmHWM starts anew at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_once(model_path: str | Path, threads: int = 2, tg_tokens: int = TG_TOKENS, timeout: int = 600) -> dict:
