@@ -130,8 +130,29 @@ def _rope_scaling(cfg: dict) -> Optional[dict]:
     return None if kind in (None, "default") else rs
 
 
+def llama3_rope_factors(rs: dict, theta: float, head_dim: int) -> np.ndarray:
+    """Llama 3.x frequency scaling as llama.cpp's rope_freqs tensor (convert_hf_to_gguf.py's formula)."""
+    import math
+
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor = rs.get("factor", 8.0)
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old_ctx = rs.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def _load_checkpoint(path: Path) -> tuple[dict, dict]:
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file  # torch, not numpy: numpy has no bfloat16
 
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -140,7 +161,7 @@ def _load_checkpoint(path: Path) -> tuple[dict, dict]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise DropquantError(f"{path}: no *.safetensors weights")
-    state: dict[str, np.ndarray] = {}
+    state: dict = {}
     for f in files:
         state.update(load_file(str(f)))
     return cfg, state
@@ -190,9 +211,9 @@ def write_gguf(out: str | Path, state: Mapping[str, Any], config: Any, dropped_a
     if (tokenizer_gguf is None) == (tokenizer_dir is None):
         raise DropquantError("GGUF export needs exactly one tokenizer source: a GGUF file or a Hugging Face directory")
     rs = _rope_scaling(cfg)
-    if rs is not None and rs.get("rope_type", rs.get("type")) != "linear":
-        raise DropquantError(f"GGUF export: rope scaling '{rs.get('rope_type', rs.get('type'))}' is not supported yet "
-                             "(supported: none, linear)")
+    rope_kind = None if rs is None else rs.get("rope_type", rs.get("type"))
+    if rope_kind not in (None, "linear", "llama3"):
+        raise DropquantError(f"GGUF export: rope scaling '{rope_kind}' is not supported yet (supported: none, linear, llama3)")
 
     n_layers = int(cfg["num_hidden_layers"])
     n_embd = int(cfg["hidden_size"])
@@ -225,7 +246,7 @@ def write_gguf(out: str | Path, state: Mapping[str, Any], config: Any, dropped_a
     if head_dim != n_embd // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if rs is not None:
+    if rope_kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rs["factor"]))
     if arch == ARCH_LLAMA:
@@ -291,6 +312,9 @@ def write_gguf(out: str | Path, state: Mapping[str, Any], config: Any, dropped_a
     put("model.norm.weight", None, *take("model.norm.weight"))
     if not tied:
         put("lm_head.weight", None, *take("lm_head.weight"))
+    if rope_kind == "llama3":
+        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                     llama3_rope_factors(rs, _rope_theta(cfg), head_dim))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -169,6 +169,24 @@ def test_tiny_f32_parity_q8_and_generation(name, tmp_path, tokenizer_gguf):
         llm.close()
 
 
+@pytest.mark.parametrize("drops", [{}, {"attn": [0, 2], "mlp": [4]}])
+def test_llama3_rope_scaling_parity(drops, tmp_path, tokenizer_gguf):
+    """Llama 3.x frequency scaling travels as llama.cpp's rope_freqs tensor, in both architectures."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=L,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                         rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2)
+    model = prune_model(LlamaForCausalLM(config).eval(), plan(**drops))
+    ids = list(range(2000, 2060))
+    export_model(model, tmp_path / "m.gguf", tokenizer_gguf=tokenizer_gguf)
+    ref, got = torch_logits(model, ids), llama_logits(tmp_path / "m.gguf", ids)
+    assert np.abs(got - ref).max() <= 1e-2
+
+
 def test_tied_embeddings_and_hf_checkpoint_dir(tmp_path, tokenizer_gguf, hf_tokenizer):
     """A checkpoint directory written by save_pruned (tied head omitted on disk) exports the same model."""
     base = tiny_llama(seed=3, tie=True)

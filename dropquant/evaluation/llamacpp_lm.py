@@ -111,6 +111,7 @@ class _Pack:
     pair_node: list = field(default_factory=list)    # one entry per scored token:
     pair_target: list = field(default_factory=list)  # the node whose logits predict it, the token,
     pair_req: list = field(default_factory=list)     # and the request it belongs to
+    paths: dict = field(default_factory=dict)
 
 
 def plan_packs(evals: list[list[int]], need_from: list[int], targets: list[list[int]], order, max_cells: int,
@@ -152,6 +153,7 @@ def plan_packs(evals: list[list[int]], need_from: list[int], targets: list[list[
             cur.pair_target.append(targets[i][j])
             cur.pair_req.append(i)
         prev = e
+        cur.paths[i] = path
     if cur is not None:
         packs.append(cur)
     return packs
