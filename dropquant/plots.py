@@ -24,14 +24,19 @@ def importance_heatmap(importance: dict[str, list[float]], path: str | Path, tit
     data = np.array([importance[r] for r in rows])
     n_layers = data.shape[1]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * n_layers + 2), 2.6))
-    im = ax.imshow(data, aspect="auto", cmap="viridis_r")
+    from matplotlib.colors import LogNorm
+
+    # Log scale: the first and last layers are often orders of magnitude above the rest.
+    positive = data[data > 0]
+    norm = LogNorm(vmin=max(float(positive.min()), 1e-6), vmax=float(positive.max())) if positive.size else None
+    im = ax.imshow(np.clip(data, 1e-6, None), aspect="auto", cmap="viridis_r", norm=norm)
     ax.set_yticks(range(len(rows)), ["attention", "MLP", "block"])
     ax.set_xticks(range(n_layers))
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("layer")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="importance (lower = more redundant)")
+    fig.colorbar(im, ax=ax, label="importance\n(low = redundant)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
