@@ -21,7 +21,8 @@ SIZE = "size_mb"
 MARKERS = {"none": "*", "attn": "o", "mlp": "s", "block": "^", "joint": "D"}
 COLUMNS = (  # (header, row key, format)
     ("experiment", "name", "{}"), ("method", "method", "{}"), ("n", "n", "{}"), ("quant", "quant_type", "{}"),
-    ("avg acc", "avg", "{:.4f}"), ("Δ acc", "avg_delta", "{:+.4f}"), ("speed-up", "speedup", "{:.3f}×"),
+    ("avg acc", "avg", "{:.4f}"), ("Δ acc", "avg_delta", "{:+.4f}"), ("tg speed-up", "speedup", "{:.3f}×"),
+    ("pp speed-up", "speedup_pp", "{:.3f}×"),
     ("size MB", "size_mb", "{:.1f}"), ("ppl", "ppl", "{:.3f}"), ("KLD", "kld", "{:.4f}"),
     ("top-1 agree", "top1_agree", "{:.3f}"),
 )
@@ -47,7 +48,7 @@ def _row(entry: dict, metrics_file: str) -> dict:
         "n": metrics.get("n", _get(params, "drop", "n")),
         "quant_type": metrics.get("quant_type", _get(params, "quantize", "type")),
         "avg": metrics.get(ACCURACY), "base_avg": metrics.get("base_avg"), "avg_delta": metrics.get("avg_delta"),
-        "speedup": speedup, "size_mb": metrics.get(SIZE), "ppl": metrics.get("ppl"), "kld": metrics.get("kld"),
+        "speedup": speedup, "speedup_pp": metrics.get("speedup_pp"), "size_mb": metrics.get(SIZE), "ppl": metrics.get("ppl"), "kld": metrics.get("kld"),
         "top1_agree": metrics.get("top1_agree"), "has_metrics": bool(metrics),
         "error": (entry.get("error") or {}).get("msg") if isinstance(entry.get("error"), dict) else entry.get("error"),
     }
@@ -116,7 +117,7 @@ def pareto_png(rows: list[dict], title: str = "") -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    panels = ((axes[0], "speedup", "speed-up vs. unpruned (×)", True),
+    panels = ((axes[0], "speedup", "generation speed-up vs. unpruned (×)", True),
               (axes[1], "size_mb", "GGUF file size (MB)", False))
     for ax, key, label, maximize in panels:
         pts = [r for r in rows if r.get("avg") is not None and r.get(key) is not None]

@@ -72,6 +72,72 @@ def test_loglikelihood_matches_torch(tiny):
         assert isinstance(greedy, bool)
 
 
+def test_plan_packs_lays_out_each_request_as_one_sequence():
+    from dropquant.evaluation.llamacpp_lm import plan_packs
+
+    rng = np.random.default_rng(3)
+    shared = [5, 6, 7]  # a prefix common to every item, like a prompt template
+    evals, need_from = [], []
+    for n_ctx, n_choices in ((4, 4), (9, 2), (30, 3), (2, 1), (12, 5)):
+        ctx = shared + rng.integers(10, 99, size=n_ctx).tolist()
+        for _ in range(n_choices):
+            evals.append(ctx + rng.integers(10, 99, size=int(rng.integers(1, 6))).tolist())
+            need_from.append(len(ctx) - 1)
+    evals.append(list(evals[0]))  # a duplicate request
+    need_from.append(need_from[0])
+    targets = [[0] * (len(e) - f) for e, f in zip(evals, need_from)]
+    order = sorted(range(len(evals)), key=lambda i: evals[i])
+    for max_cells, max_seqs, pack_cells in ((1000, 256, None), (60, 4, 40), (48, 2, 20)):
+        packs = plan_packs(evals, need_from, targets, order, max_cells, max_seqs, pack_cells)
+        seen = set()
+        for pack in packs:
+            assert len(pack.tokens) <= max_cells and pack.n_seq <= max_seqs
+            for sid in range(pack.n_seq):  # each sequence is one root-to-leaf chain, in stream order
+                assert [p for p, s in zip(pack.pos, pack.seqs) if sid in s] == list(range(
+                    sum(sid in s for s in pack.seqs)))
+            for i in set(pack.pair_req):
+                seen.add(i)
+                nodes = [n for n, r in zip(pack.pair_node, pack.pair_req) if r == i]
+                sid = pack.seqs[nodes[-1]][0]
+                chain = [n for n, s in enumerate(pack.seqs) if sid in s]
+                # the request's tokens are the chain's first len(eval) tokens; it scores the right positions
+                assert [pack.tokens[n] for n in chain[:len(evals[i])]] == evals[i]
+                assert nodes == chain[need_from[i]:len(evals[i])]
+                assert all(pack.out[n] for n in nodes)
+        assert seen == set(range(len(evals)))
+        if max_cells == 1000:  # shared prefixes are evaluated once
+            assert len(packs) == 1 and len(packs[0].tokens) < sum(map(len, evals)) - 30
+
+
+def test_batched_matches_sequential_and_torch(tiny):
+    """Many items of 1-5 choices packed into multi-sequence batches of 64 tokens (contexts longer than a batch,
+    a prefix shared across items, a duplicate) give what one evaluation per request gives, and torch's numbers."""
+    from dropquant.evaluation.llamacpp_lm import LlamaCppLM
+
+    model, path = tiny
+    rng = np.random.default_rng(4)
+    prefix = rng.integers(100, 49000, size=6).tolist()
+    reqs = []
+    for n_ctx, n_choices in ((5, 4), (150, 3), (20, 1), (70, 2), (33, 5), (9, 4), (40, 2), (12, 3)):
+        ctx = prefix + rng.integers(100, 49000, size=n_ctx).tolist()
+        reqs += [(None, ctx, rng.integers(100, 49000, size=int(rng.integers(1, 14))).tolist())
+                 for _ in range(n_choices)]
+    reqs.append(reqs[3])
+    packed = LlamaCppLM(path, n_ctx=512, threads=1, n_batch=64)
+    got = packed._loglikelihood_tokens(reqs, disable_tqdm=True)
+    seq = LlamaCppLM(path, n_ctx=512, threads=1, reuse_kv=False)
+    want_seq = seq._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert packed.n_seq_max > 1 and packed.decode_calls < seq.decode_calls / 2
+    assert packed.tokens_evaluated < seq.tokens_evaluated / 2
+    for (_, ctx, cont), (lp, greedy), (lp_seq, greedy_seq) in zip(reqs, got, want_seq):
+        assert abs(lp - lp_seq) <= 5e-3 * len(cont), (lp, lp_seq)
+        assert abs(lp - _torch_logprob(model, ctx, cont)) <= 5e-3 * len(cont)
+        assert greedy == greedy_seq
+    # the cache is left clean: a second call (other packs) gives the same numbers
+    again = packed._loglikelihood_tokens(reqs[:2], disable_tqdm=True)
+    assert all(abs(a[0] - b[0]) <= 1e-3 for a, b in zip(again, got[:2]))
+
+
 def test_rolling_matches_sum_of_tokens(tiny):
     from lm_eval.api.instance import Instance
 

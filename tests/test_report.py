@@ -40,8 +40,8 @@ def test_markdown_table_formats_and_marks_missing_values():
     rows.append({"name": "x", "method": "mlp", "n": 8, "quant_type": "Q4_K_M"})
     lines = markdown_table(rows).splitlines()
     assert lines[0].startswith("| experiment | method | n | quant | avg acc |")
-    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | 0.4700 | -0.0300 | 1.250× | 121.0 | 12.500 | 0.0100 | 0.900 |"
-    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – |"
+    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | 0.4700 | -0.0300 | 1.250× | 9.900× | 121.0 | 12.500 | 0.0100 | 0.900 |"
+    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – |"
 
 
 @pytest.mark.parametrize("maximize, expected", [(True, [(1.0, 0.9), (2.0, 0.5)]), (False, [(1.0, 0.9)])])

@@ -111,28 +111,42 @@ class _Pack:
     pair_node: list = field(default_factory=list)    # one entry per scored token:
     pair_target: list = field(default_factory=list)  # the node whose logits predict it, the token,
     pair_req: list = field(default_factory=list)     # and the request it belongs to
-    paths: dict = field(default_factory=dict)
 
 
 def plan_packs(evals: list[list[int]], need_from: list[int], targets: list[list[int]], order, max_cells: int,
-               max_seqs: int, share: bool = True) -> list[_Pack]:
-    """Lay the requests (in `order`) out as prefix trees of at most max_cells nodes and max_seqs branches.
-    Request i evaluates evals[i]; positions need_from[i].. of it score targets[i] (one token each).
+               max_seqs: int, pack_cells: Optional[int] = None, share: bool = True) -> list[_Pack]:
+    """Lay the requests (in `order`, sorted by their tokens) out as prefix trees of at most max_cells nodes and
+    max_seqs branches. Request i evaluates evals[i]; its positions need_from[i].. score targets[i] (a token each).
+
+    A pack is closed before an item (requests sharing one context) that would take it past pack_cells, so that
+    an item's context is not evaluated in two packs; an item larger than pack_cells gets a pack of its own.
     share=False gives every request its own pack: one full evaluation per request."""
+    pack_cells = min(pack_cells or max_cells, max_cells)
+    order = list(order)
+    # cells an item takes on its own: its first request whole, then what each next one adds
+    lcp = [0] + [common_prefix(evals[a], evals[b]) for a, b in zip(order, order[1:])] if share else [0] * len(order)
+    item_cells = [0] * len(order)
+    for j in range(len(order) - 1, -1, -1):
+        i = order[j]
+        item_cells[j] = len(evals[i])
+        if j + 1 < len(order) and lcp[j + 1] >= need_from[order[j + 1]]:  # the next request shares this context
+            item_cells[j] += item_cells[j + 1] - lcp[j + 1]
+
     packs: list[_Pack] = []
     cur: Optional[_Pack] = None
     prev: list[int] = []
     path: list[int] = []
     sid = -1
-    for i in order:
+    for j, i in enumerate(order):
         e = evals[i]
-        k = common_prefix(prev, e) if cur is not None and share else 0
-        # e extends the previous request's branch: same sequence; otherwise a new branch
-        branch = k < len(prev) or cur is None or not share
-        if cur is not None and (not share or len(cur.tokens) + len(e) - k > max_cells
-                                or (branch and cur.n_seq >= max_seqs)):
-            packs.append(cur)
-            cur = None
+        k = lcp[j] if cur is not None else 0
+        branch = k < len(prev) or cur is None  # a new branch of the tree, or the previous one extended
+        if cur is not None:
+            n = len(cur.tokens)
+            if (not share or n + len(e) - k > max_cells or (branch and cur.n_seq >= max_seqs)
+                    or (k < need_from[i] and n + item_cells[j] > pack_cells)):
+                packs.append(cur)
+                cur = None
         if cur is None:
             cur, k, branch = _Pack(), 0, True
         if branch:
@@ -147,13 +161,12 @@ def plan_packs(evals: list[list[int]], need_from: list[int], targets: list[list[
             s = cur.seqs[node]
             if not s or s[-1] != sid:  # sequence ids are added in increasing order
                 s.append(sid)
-        for j, d in enumerate(range(need_from[i], len(e))):
+        for j2, d in enumerate(range(need_from[i], len(e))):
             cur.out[path[d]] = True
             cur.pair_node.append(path[d])
-            cur.pair_target.append(targets[i][j])
+            cur.pair_target.append(targets[i][j2])
             cur.pair_req.append(i)
         prev = e
-        cur.paths[i] = path
     if cur is not None:
         packs.append(cur)
     return packs
@@ -164,7 +177,8 @@ class LlamaCppLM(TemplateLM):
     continuation per request, from an empty cache (same decoding and scoring code, no sharing, no packing)."""
 
     def __init__(self, model_path: str | Path, n_ctx: int = 2048, threads: int = 2, reuse_kv: bool = True,
-                 max_gen_toks: int = 256, llama=None, n_batch: int = 512, n_seq_max: int = MAX_SEQUENCES) -> None:
+                 max_gen_toks: int = 256, llama=None, n_batch: int = 512, n_seq_max: int = MAX_SEQUENCES,
+                 pack_cells: Optional[int] = None) -> None:
         import llama_cpp
 
         super().__init__()
@@ -179,6 +193,7 @@ class LlamaCppLM(TemplateLM):
         self.n_batch = self.llama.n_batch
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(self._ctx))
         self._batch = _Batch(self.n_batch, self.n_seq_max)
+        self.pack_cells = pack_cells or self.n_batch  # one llama_decode call per pack, mostly
         self.reuse_kv = reuse_kv
         self.max_gen_toks = max_gen_toks
         self.tokens_evaluated = 0  # how much work the cache saved: compare with the requests' total length
@@ -281,7 +296,8 @@ class LlamaCppLM(TemplateLM):
             need_from.append(len(full) - len(cont) - 1)
             targets.append(list(cont))
         order = sorted(range(len(requests)), key=lambda i: evals[i]) if self.reuse_kv else range(len(requests))
-        packs = plan_packs(evals, need_from, targets, order, self.n_ctx, self.n_seq_max, share=self.reuse_kv)
+        packs = plan_packs(evals, need_from, targets, order, self.n_ctx, self.n_seq_max, self.pack_cells,
+                           share=self.reuse_kv)
         loglik = np.zeros(len(requests), dtype=np.float64)
         greedy = np.ones(len(requests), dtype=bool)
         with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm) as bar:
