@@ -10,6 +10,14 @@ PLAN = Path("data/drop/plan.json")
 METRICS = Path("data/eval/metrics.json")
 
 
+def flatten(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def run(params, args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -27,7 +35,7 @@ def run(params, args) -> None:
     table = Table(title=f"dropquant results ({args.metrics})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
+    for key, value in flatten(metrics):
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
 

@@ -50,3 +50,18 @@ def embedded_model():
 
     source = resolve_source("embedded")
     return load_model(source), load_tokenizer(source)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_gguf():
+    """The embedded model's GGUF: its tokenizer keys make tiny test GGUFs complete, runnable files."""
+    from dropquant.models import resolve_source
+
+    return resolve_source("embedded").gguf_path
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    from dropquant.models import load_tokenizer, resolve_source
+
+    return load_tokenizer(resolve_source("embedded"))

@@ -35,20 +35,6 @@ Q8_KL_BOUND_TINY = 0.05
 VOCAB = 49152  # the embedded model's tokenizer, reused so the tiny GGUF is a complete, runnable file
 
 
-@pytest.fixture(scope="module")
-def tokenizer_gguf():
-    from dropquant.models import resolve_source
-
-    return resolve_source("embedded").gguf_path
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    from dropquant.models import load_tokenizer, resolve_source
-
-    return load_tokenizer(resolve_source("embedded"))
-
-
 def tiny_llama(seed=0, layers=L, tie=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 

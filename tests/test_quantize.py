@@ -23,20 +23,6 @@ VOCAB = 49152
 L = 4
 
 
-@pytest.fixture(scope="module")
-def tokenizer_gguf():
-    from dropquant.models import resolve_source
-
-    return resolve_source("embedded").gguf_path
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    from dropquant.models import load_tokenizer, resolve_source
-
-    return load_tokenizer(resolve_source("embedded"))
-
-
 def tiny_llama(seed=0, layers=L, hidden=256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
