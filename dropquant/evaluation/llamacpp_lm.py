@@ -1,17 +1,17 @@
 """An lm-evaluation-harness model over llama-cpp-python, for GGUF files, that evaluates a shared context once.
 
 Multiple-choice tasks ask for log P(choice | context) for every choice of an item: the naive way evaluates
-context + choice from scratch each time. Here the requests are laid out as a prefix tree (sorted by their
-tokens, each one shares the longest prefix it has with the previous one) and the tree is evaluated in large
-llama_decode batches of many requests at once: a token shared by several requests is evaluated once and
-belongs to all their llama.cpp sequences (a token may carry several sequence ids; the attention mask lets a
-token see the cells of its own sequence), each branch of the tree gets its own sequence id, and logits are
-computed only for the positions a request scores. One KV cache of n_ctx cells is shared by all sequences
-(`kv_unified`), so a batch packs as many requests as fit in n_ctx cells and n_seq_max sequences.
+context + choice from scratch each time. Here the requests are sorted by their tokens and laid out as a prefix
+tree (each request shares the longest prefix it has with the previous one), and a whole item, its context and
+all its choices, is evaluated in one llama_decode call: a token shared by several requests is evaluated once
+and belongs to all their llama.cpp sequences (a token may carry several sequence ids; the attention mask lets a
+token see only cells of its own first sequence, and the ids of a shared token are a superset of its
+descendants'), each branch of the tree gets its own sequence id, and logits are computed only for the
+positions a request scores. One KV cache of n_ctx cells serves all sequences (`kv_unified`).
 
-Batching is most of the gain, not only the shared prefixes: on a small CPU model each llama_decode call has a
-fixed cost per layer (thread synchronisation, graph set-up) and a matrix product over 512 tokens is faster
-per token than over the ~10 tokens of one continuation.
+Measured (docs/evaluate.md): the speed-up over the naive adapter is the ratio of tokens evaluated; llama.cpp's
+cost per token on this model is flat beyond ~32-token batches, so packing several items per batch bought
+nothing and, on a quantized model, changed rounding more than one item per batch does.
 """
 from __future__ import annotations
 
@@ -193,7 +193,10 @@ class LlamaCppLM(TemplateLM):
         self.n_batch = self.llama.n_batch
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(self._ctx))
         self._batch = _Batch(self.n_batch, self.n_seq_max)
-        self.pack_cells = pack_cells or self.n_batch  # one llama_decode call per pack, mostly
+        # Items (requests sharing a context) are not mixed in one batch by default: on quantized models that
+        # changed llama.cpp's rounding (0.043 nats/token from the naive adapter, 0.006 one item per batch), and
+        # it was no faster on this CPU (docs/evaluate.md). pack_cells=n packs items up to n cells per batch.
+        self.pack_cells = pack_cells or 1
         self.reuse_kv = reuse_kv
         self.max_gen_toks = max_gen_toks
         self.tokens_evaluated = 0  # how much work the cache saved: compare with the requests' total length
