@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--no-hf", action="store_true", help="skip lm-eval's HF model")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="GGUF of the embedded model for the llama.cpp adapters (default: the shipped Q4_1 file; "
+                             "e.g. data/baseline/gguf/model.gguf, the pipeline's Q8_0 export)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not DATA.is_dir():
@@ -59,8 +62,9 @@ def main(argv=None) -> int:
     n_req = sum(map(len, by_task.values()))
     print(f"{n_req} loglikelihood requests ({', '.join(by_task)}; {args.limit} items each), {args.threads} threads, "
           f"interleaved task by task")
-    models = {OURS: LlamaCppLM(embedded_gguf_path(), 2048, args.threads),
-              NAIVE: LlamaCppLM(embedded_gguf_path(), 2048, args.threads, reuse_kv=False)}
+    gguf = args.gguf or embedded_gguf_path()
+    models = {OURS: LlamaCppLM(gguf, 2048, args.threads),
+              NAIVE: LlamaCppLM(gguf, 2048, args.threads, reuse_kv=False)}
     if not args.no_hf:
         from lm_eval.models.huggingface import HFLM
 
