@@ -6,7 +6,8 @@ from pathlib import Path
 from .atomic import atomic_path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (no display here or in CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +20,7 @@ def importance_heatmap(importance: dict[str, list[float]], path: str | Path, tit
     """One row per unit (attention, MLP, block), one column per layer; darker = more redundant."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = ["attn", "mlp", "block"]
     data = np.array([importance[r] for r in rows])
     n_layers = data.shape[1]

@@ -111,11 +111,9 @@ def pareto_front(points: list[tuple[float, float]], maximize_x: bool = True) -> 
 
 def pareto_png(rows: list[dict], title: str = "") -> bytes:
     """Average accuracy against speed-up (left) and file size (right), one marker per method, Pareto front dashed."""
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     panels = ((axes[0], "speedup", "generation speed-up vs. unpruned (×)", True),
               (axes[1], "size_mb", "GGUF file size (MB)", False))

@@ -35,11 +35,11 @@ def speed_rows(speed: dict) -> list[list]:
 
 
 def _bar_png(path: Path, labels, variant, base, title: str, xlabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from ..plots import pyplot
+
+    plt = pyplot()
 
     y = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(labels) + 1.5))
