@@ -90,20 +90,29 @@ def test_plan_packs_lays_out_each_request_as_one_sequence():
     for max_cells, max_seqs, pack_cells in ((1000, 256, None), (60, 4, 40), (48, 2, 20)):
         packs = plan_packs(evals, need_from, targets, order, max_cells, max_seqs, pack_cells)
         seen = set()
+        cache: list[int] = []  # what the KV cache holds for the previous pack's last sequence
         for pack in packs:
-            assert len(pack.tokens) <= max_cells and pack.n_seq <= max_seqs
+            assert pack.reuse + len(pack.tokens) <= max_cells and pack.n_seq <= max_seqs
             for sid in range(pack.n_seq):  # each sequence is one root-to-leaf chain, in stream order
-                assert [p for p, s in zip(pack.pos, pack.seqs) if sid in s] == list(range(
-                    sum(sid in s for s in pack.seqs)))
+                n = sum(sid in s for s in pack.seqs)
+                assert [p for p, s in zip(pack.pos, pack.seqs) if sid in s] == list(range(pack.reuse, pack.reuse + n))
+            for i in pack.reqs:
+                assert evals[i][:pack.reuse] == cache[:pack.reuse] and pack.reuse <= need_from[i]
             for i in set(pack.pair_req):
                 seen.add(i)
                 nodes = [n for n, r in zip(pack.pair_node, pack.pair_req) if r == i]
                 sid = pack.seqs[nodes[-1]][0]
                 chain = [n for n, s in enumerate(pack.seqs) if sid in s]
-                # the request's tokens are the chain's first len(eval) tokens; it scores the right positions
-                assert [pack.tokens[n] for n in chain[:len(evals[i])]] == evals[i]
-                assert nodes == chain[need_from[i]:len(evals[i])]
+                # the request's tokens are the cached prefix then the chain's tokens; it scores the right positions
+                k = pack.reuse
+                assert [pack.tokens[n] for n in chain[:len(evals[i]) - k]] == evals[i][k:]
+                assert nodes == chain[need_from[i] - k:len(evals[i]) - k]
                 assert all(pack.out[n] for n in nodes)
+            last = [n for n, s in enumerate(pack.seqs) if pack.last_seq in s]
+            cache = cache[:pack.reuse] + [pack.tokens[n] for n in last]
+            assert cache == evals[pack.reqs[-1]][:len(cache)]
+        if len(packs) > 1:  # the template shared by all items stays in the cache from pack to pack
+            assert all(p.reuse >= len(shared) for p in packs[1:])
         assert seen == set(range(len(evals)))
         if max_cells == 1000:  # shared prefixes are evaluated once
             assert len(packs) == 1 and len(packs[0].tokens) < sum(map(len, evals)) - 30
@@ -111,31 +120,36 @@ def test_plan_packs_lays_out_each_request_as_one_sequence():
 
 def test_batched_matches_sequential_and_torch(tiny):
     """Many items of 1-5 choices packed into multi-sequence batches of 64 tokens (contexts longer than a batch,
-    a prefix shared across items, a duplicate) give what one evaluation per request gives, and torch's numbers."""
+    a prefix shared across items and kept in the cache from item to item, one item without it, a duplicate) give
+    what one evaluation per request gives, and torch's numbers."""
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
 
     model, path = tiny
     rng = np.random.default_rng(4)
-    prefix = rng.integers(100, 49000, size=6).tolist()
+    prefix = rng.integers(100, 49000, size=40).tolist()  # like a few-shot prompt shared by every item
     reqs = []
     for n_ctx, n_choices in ((5, 4), (150, 3), (20, 1), (70, 2), (33, 5), (9, 4), (40, 2), (12, 3)):
         ctx = prefix + rng.integers(100, 49000, size=n_ctx).tolist()
         reqs += [(None, ctx, rng.integers(100, 49000, size=int(rng.integers(1, 14))).tolist())
                  for _ in range(n_choices)]
     reqs.append(reqs[3])
+    ctx = prefix[:20] + rng.integers(100, 49000, size=30).tolist()  # shares only half the prefix
+    reqs += [(None, ctx, rng.integers(100, 49000, size=3).tolist()) for _ in range(2)]
     packed = LlamaCppLM(path, n_ctx=512, threads=1, n_batch=64)
     got = packed._loglikelihood_tokens(reqs, disable_tqdm=True)
     seq = LlamaCppLM(path, n_ctx=512, threads=1, reuse_kv=False)
     want_seq = seq._loglikelihood_tokens(reqs, disable_tqdm=True)
-    assert packed.n_seq_max > 1 and packed.decode_calls < seq.decode_calls / 2
+    assert packed.n_seq_max > 1 and packed.decode_calls < seq.decode_calls
     assert packed.tokens_evaluated < seq.tokens_evaluated / 2
+    assert packed.tokens_reused >= 7 * len(prefix)  # the other 8 items start from the cached prefix
     for (_, ctx, cont), (lp, greedy), (lp_seq, greedy_seq) in zip(reqs, got, want_seq):
         assert abs(lp - lp_seq) <= 5e-3 * len(cont), (lp, lp_seq)
         assert abs(lp - _torch_logprob(model, ctx, cont)) <= 5e-3 * len(cont)
         assert greedy == greedy_seq
     # the cache is left clean: a second call (other packs) gives the same numbers
     again = packed._loglikelihood_tokens(reqs[:2], disable_tqdm=True)
-    assert all(abs(a[0] - b[0]) <= 1e-3 for a, b in zip(again, got[:2]))
+    # (not bit-identical: in the first call this item's prefix came from the cache, computed in another batch)
+    assert all(abs(a[0] - b[0]) <= 5e-3 * len(r[2]) for a, b, r in zip(again, got[:2], reqs))
 
 
 def test_rolling_matches_sum_of_tokens(tiny):
@@ -270,3 +284,23 @@ def test_integration_two_local_tasks(embedded):
         t = out["tasks"][name]
         assert t["n"] == 10 and 0 <= t["acc"] <= 1 and 0 <= t["acc_norm"] <= 1
     assert out["avg"] == pytest.approx((out["tasks"]["arc_easy"]["acc_norm"] + out["tasks"]["piqa"]["acc_norm"]) / 2)
+
+
+def test_prefix_kept_in_a_nearly_full_cache(tiny):
+    """Items of ~240 cells in a 256-cell cache, each starting from a 100-token prefix left by the previous item:
+    the freed cells are reused (no 'no KV slot' failure) and the numbers are the naive adapter's."""
+    from dropquant.evaluation.llamacpp_lm import LlamaCppLM
+
+    _, path = tiny
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(100, 49000, size=100).tolist()
+    reqs = []
+    for _ in range(4):
+        ctx = prefix + rng.integers(100, 49000, size=100).tolist()
+        reqs += [(None, ctx, rng.integers(100, 49000, size=10).tolist()) for _ in range(4)]
+    lm = LlamaCppLM(path, n_ctx=256, threads=1)
+    got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    want = LlamaCppLM(path, n_ctx=256, threads=1, reuse_kv=False)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert lm.tokens_reused == 3 * len(prefix)
+    for (lp, _), (lp_naive, _) in zip(got, want):
+        assert abs(lp - lp_naive) <= 5e-3 * 10

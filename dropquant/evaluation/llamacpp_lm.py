@@ -7,11 +7,12 @@ all its choices, is evaluated in one llama_decode call: a token shared by severa
 and belongs to all their llama.cpp sequences (a token may carry several sequence ids; the attention mask lets a
 token see only cells of its own first sequence, and the ids of a shared token are a superset of its
 descendants'), each branch of the tree gets its own sequence id, and logits are computed only for the
-positions a request scores. One KV cache of n_ctx cells serves all sequences (`kv_unified`).
+positions a request scores. One KV cache of n_ctx cells serves all sequences (`kv_unified`). Between items,
+the prefix an item shares with the previous one (a few-shot prompt, a task's template) stays in the cache.
 
 Measured (docs/evaluate.md): the speed-up over the naive adapter is the ratio of tokens evaluated; llama.cpp's
-cost per token on this model is flat beyond ~32-token batches, so packing several items per batch bought
-nothing and, on a quantized model, changed rounding more than one item per batch does.
+cost per token on this model falls little beyond ~64-token batches, so packing several items per batch bought
+~10% and, on a quantized model, changed rounding more than one item per batch does.
 """
 from __future__ import annotations
 
@@ -108,6 +109,10 @@ class _Pack:
     seqs: list = field(default_factory=list)  # per node: the ids of the sequences (branches) through it
     out: list = field(default_factory=list)   # per node: are its logits needed
     n_seq: int = 0
+    reqs: list = field(default_factory=list)  # the requests laid out in it, in order
+    last_seq: int = 0  # the sequence id of its last request
+    reuse: int = 0     # leading positions already in the KV cache, left there by the previous pack
+    keep_seq: int = 0  # the previous pack's sequence whose cells hold them
     pair_node: list = field(default_factory=list)    # one entry per scored token:
     pair_target: list = field(default_factory=list)  # the node whose logits predict it, the token,
     pair_req: list = field(default_factory=list)     # and the request it belongs to
@@ -120,6 +125,7 @@ def plan_packs(evals: list[list[int]], need_from: list[int], targets: list[list[
 
     A pack is closed before an item (requests sharing one context) that would take it past pack_cells, so that
     an item's context is not evaluated in two packs; an item larger than pack_cells gets a pack of its own.
+    A pack starts from the prefix it shares with the previous pack, left in the cache (`_reuse_prefix`).
     share=False gives every request its own pack: one full evaluation per request."""
     pack_cells = min(pack_cells or max_cells, max_cells)
     order = list(order)
@@ -166,10 +172,29 @@ def plan_packs(evals: list[list[int]], need_from: list[int], targets: list[list[
             cur.pair_node.append(path[d])
             cur.pair_target.append(targets[i][j2])
             cur.pair_req.append(i)
+        cur.reqs.append(i)
+        cur.last_seq = sid
         prev = e
     if cur is not None:
         packs.append(cur)
+    if share:
+        for before, pack in zip(packs, packs[1:]):
+            _reuse_prefix(before, pack, evals, need_from)
     return packs
+
+
+def _reuse_prefix(before: _Pack, pack: _Pack, evals: list[list[int]], need_from: list[int]) -> None:
+    """Let `pack` start from the prefix that all its requests share with the previous pack's last request (a
+    few-shot prompt or template shared by consecutive items): those cells stay in the KV cache, so the nodes are
+    dropped from the pack. They are the first nodes of its first request's chain, shared by every sequence. A
+    position whose logits are scored is never reused (its logits are not kept)."""
+    last = evals[before.reqs[-1]]
+    k = min(min(common_prefix(last, evals[i]), need_from[i]) for i in pack.reqs)
+    if k <= 0:
+        return
+    pack.reuse, pack.keep_seq = k, before.last_seq
+    pack.tokens, pack.pos, pack.seqs, pack.out = pack.tokens[k:], pack.pos[k:], pack.seqs[k:], pack.out[k:]
+    pack.pair_node = [n - k for n in pack.pair_node]
 
 
 class LlamaCppLM(TemplateLM):
@@ -194,13 +219,14 @@ class LlamaCppLM(TemplateLM):
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(self._ctx))
         self._batch = _Batch(self.n_batch, self.n_seq_max)
         # Items (requests sharing a context) are not mixed in one batch by default: on quantized models that
-        # changed llama.cpp's rounding (0.043 nats/token from the naive adapter, 0.006 one item per batch), and
-        # it was no faster on this CPU (docs/evaluate.md). pack_cells=n packs items up to n cells per batch.
+        # moved llama.cpp's rounding 2.5x further from the naive adapter's for ~10% speed (docs/evaluate.md).
+        # pack_cells=n packs items up to n cells per batch.
         self.pack_cells = pack_cells or 1
         self.reuse_kv = reuse_kv
         self.max_gen_toks = max_gen_toks
         self.tokens_evaluated = 0  # how much work the cache saved: compare with the requests' total length
         self.decode_calls = 0
+        self.tokens_reused = 0  # prefix tokens a pack found in the cache, left by the previous pack
 
     # -- tokenization ---------------------------------------------------------------------------------------
     @property
@@ -267,8 +293,26 @@ class LlamaCppLM(TemplateLM):
                 logits = logits.reshape(n_out, self.n_vocab)
             yield s, flags, logits
 
+    def _keep_prefix(self, pack: _Pack) -> None:
+        """Reduce the cache to the previous pack's cells for positions < pack.reuse, owned by all of pack's
+        sequences (every one of them passes through that prefix)."""
+        import llama_cpp
+
+        keep = pack.keep_seq
+        llama_cpp.llama_memory_seq_keep(self._mem, keep)
+        llama_cpp.llama_memory_seq_rm(self._mem, keep, pack.reuse, -1)
+        for sid in range(pack.n_seq):
+            if sid != keep:
+                llama_cpp.llama_memory_seq_cp(self._mem, keep, sid, -1, -1)
+        if keep >= pack.n_seq:
+            llama_cpp.llama_memory_seq_rm(self._mem, keep, -1, -1)
+        self.tokens_reused += pack.reuse
+
     def _run_pack(self, pack: _Pack, loglik: np.ndarray, greedy: np.ndarray) -> None:
-        self._clear()
+        if pack.reuse:
+            self._keep_prefix(pack)
+        else:
+            self._clear()
         tokens = np.asarray(pack.tokens, dtype=np.int32)
         pos = np.asarray(pack.pos, dtype=np.int32)
         out = np.asarray(pack.out, dtype=bool)
@@ -286,7 +330,6 @@ class LlamaCppLM(TemplateLM):
             tgt = pt[a:b]
             np.add.at(loglik, pr[a:b], logits[row, tgt].astype(np.float64) - lse[row])
             np.logical_and.at(greedy, pr[a:b], top[row] == tgt)
-        self._clear()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         evals, need_from, targets = [], [], []
