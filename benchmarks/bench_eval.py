@@ -24,7 +24,6 @@ from lm_eval.api.model import LM
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OURS, NAIVE, HF = "ours", "naive", "HFLM"
-PAPER_TASKS = "arc_challenge,arc_easy,boolq,hellaswag,mmlu,openbookqa,piqa,rte,winogrande"
 
 
 class _Recorder(LM):
@@ -84,7 +83,7 @@ def embedded_q8_0(model, folder: Path) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="paper", help=f"comma-separated, or 'paper' ({PAPER_TASKS})")
+    parser.add_argument("--tasks", default="paper", help="comma-separated, or 'paper' (all nine of eval.tasks)")
     parser.add_argument("--fewshot", default="paper", help="an integer, or 'paper' (as eval.fewshot)")
     parser.add_argument("--limit", type=int, default=5, help="items per task (per subject for mmlu)")
     parser.add_argument("--mmlu-subjects", default="abstract_algebra,anatomy")
@@ -103,10 +102,11 @@ def main(argv=None) -> int:
     import torch
 
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
+    from dropquant.evaluation.tasks import TASKS
     from dropquant.models import load_model, load_tokenizer, resolve_source
 
     torch.set_num_threads(args.threads)
-    tasks = (PAPER_TASKS if args.tasks == "paper" else args.tasks).split(",")
+    tasks = sorted(TASKS) if args.tasks == "paper" else args.tasks.split(",")
     fewshot = args.fewshot if args.fewshot == "paper" else int(args.fewshot)
     by_task = record_requests(tasks, args.limit, fewshot, DATA, args.mmlu_subjects.split(","))
     n_req = sum(len(r) for _, r in by_task.values())

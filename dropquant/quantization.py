@@ -213,6 +213,12 @@ def read_imatrix(path: str | Path) -> dict[str, ImatrixStat]:
 
 # --- llama.cpp run-time facts --------------------------------------------------------------------
 
+def kv_cache_mib_from_log(text: str) -> Optional[float]:
+    """The KV cache size (MiB) in llama.cpp's log of creating a context; None when the line is absent."""
+    found = re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB", text)
+    return float(found[-1]) if found else None
+
+
 def kv_cache_mib(model_path: str | Path, n_ctx: int = 4096, flash_attn: bool = True) -> float:
     """KV cache llama.cpp allocates for this GGUF at `n_ctx` (MiB), read from its own allocation log."""
     import llama_cpp
@@ -220,8 +226,7 @@ def kv_cache_mib(model_path: str | Path, n_ctx: int = 4096, flash_attn: bool = T
     with llama_log_capture() as lines:
         llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, flash_attn=flash_attn, n_threads=1, verbose=False)
         llm.close()
-    text = "".join(lines)
-    found = re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB", text)
-    if not found:
+    mib = kv_cache_mib_from_log("".join(lines))
+    if mib is None:
         raise DropquantError(f"could not find llama.cpp's KV cache size in its log for {model_path}")
-    return float(found[-1])
+    return mib

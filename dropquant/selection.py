@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .errors import DropquantError
-from .params import DropParams, Params, check_against_model, normalize_protect
+from .params import Params, check_against_model, normalize_protect
 
 SCORE_UNITS = ("attn", "mlp", "block")
 
@@ -100,7 +100,7 @@ def validate(params: Params, num_layers: int, scores: Optional[dict] = None) -> 
             if hit:
                 raise DropquantError(f"drop.layers.{part} names protected layers {hit} (drop.protect={d.protect})")
         if d.method != "none" and not (d.layers.attn or d.layers.mlp or d.layers.blocks):
-            raise DropquantError(f"drop.layers is empty: name the layers to drop, or use drop.method=none")
+            raise DropquantError("drop.layers is empty: name the layers to drop, or use drop.method=none")
         gone = set(d.layers.blocks) | (set(d.layers.attn) & set(d.layers.mlp))
         if len(gone) == num_layers:
             raise DropquantError(f"drop.layers would drop every one of the {num_layers} layers")

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 from .accuracy import average
-from .tasks import TASKS
 
 MIB = 2**20
 

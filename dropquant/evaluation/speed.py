@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 import os
-import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,18 +25,17 @@ import time
 from pathlib import Path
 
 from ..errors import DropquantError
+from ..quantization import kv_cache_mib_from_log
 
 log = logging.getLogger(__name__)
 
 SPEED_CTX = 4096
 TG_TOKENS = 32
 METRICS = ("pp512", "pp2048", "tg0", "tg2048")
-_KV_LINE = re.compile(r"llama_kv_cache: size =\s*([0-9.]+) MiB")
 
 
 def _measure(model_path: str, threads: int, tg_tokens: int) -> dict:
     import random
-    import resource
 
     from llama_cpp import Llama
 
@@ -90,8 +89,8 @@ def measure_once(model_path: str | Path, threads: int = 2, tg_tokens: int = TG_T
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         raise DropquantError(f"speed measurement of {model_path} failed (exit {proc.returncode}): {tail}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    kv = _KV_LINE.findall(proc.stderr)
-    result["kv_cache_bytes"] = int(round(float(kv[-1]) * 2**20)) if kv else None
+    kv = kv_cache_mib_from_log(proc.stderr)
+    result["kv_cache_bytes"] = int(round(kv * 2**20)) if kv is not None else None
     return result
 
 

@@ -32,24 +32,19 @@ class TaskSpec:
     lm_eval_name: str  # lm-eval's task (or group) name
     yaml: str          # built-in YAML, relative to lm_eval/tasks
     splits: dict = field(default_factory=dict)  # lm-eval split role -> local file name
-    has_acc_norm: bool = True
 
 
 TASKS = {
     "arc_challenge": TaskSpec("arc_challenge", "arc_challenge", "arc/arc_challenge.yaml", {"test_split": "test.jsonl"}),
     "arc_easy": TaskSpec("arc_easy", "arc_easy", "arc/arc_easy.yaml", {"test_split": "test.jsonl"}),
-    "boolq": TaskSpec("boolq", "boolq", "super_glue/boolq/default.yaml", {"validation_split": "validation.jsonl"},
-                      has_acc_norm=False),
+    "boolq": TaskSpec("boolq", "boolq", "super_glue/boolq/default.yaml", {"validation_split": "validation.jsonl"}),
     "hellaswag": TaskSpec("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml", {"validation_split": "validation.jsonl"}),
     # Local and hub RTE data are SuperGLUE's (premise/hypothesis); lm-eval's GLUE `rte` has the same prompt.
-    "rte": TaskSpec("rte", "sglue_rte", "super_glue/rte/default.yaml", {"validation_split": "validation.jsonl"},
-                    has_acc_norm=False),
+    "rte": TaskSpec("rte", "sglue_rte", "super_glue/rte/default.yaml", {"validation_split": "validation.jsonl"}),
     "openbookqa": TaskSpec("openbookqa", "openbookqa", "openbookqa/openbookqa.yaml", {"test_split": "test.jsonl"}),
     "piqa": TaskSpec("piqa", "piqa", "piqa/piqa.yaml", {"validation_split": "validation.jsonl"}),
-    "winogrande": TaskSpec("winogrande", "winogrande", "winogrande/default.yaml", {"validation_split": "validation.jsonl"},
-                           has_acc_norm=False),
-    "mmlu": TaskSpec("mmlu", "mmlu", "mmlu/default/_mmlu.yaml", {"test_split": "test.jsonl", "fewshot_split": "dev.jsonl"},
-                     has_acc_norm=False),
+    "winogrande": TaskSpec("winogrande", "winogrande", "winogrande/default.yaml", {"validation_split": "validation.jsonl"}),
+    "mmlu": TaskSpec("mmlu", "mmlu", "mmlu/default/_mmlu.yaml", {"test_split": "test.jsonl", "fewshot_split": "dev.jsonl"}),
 }
 _ROLE_TO_SPLIT = {"test_split": "test", "validation_split": "validation", "fewshot_split": "dev"}
 
@@ -94,7 +89,7 @@ def _local_yaml(spec: TaskSpec, files: dict, include: Path) -> dict:
     return cfg
 
 
-def _write_mmlu(spec: TaskSpec, folder: Path, out: Path, limit_subjects: Optional[list] = None) -> None:
+def _write_mmlu(spec: TaskSpec, folder: Path, out: Path) -> None:
     """MMLU is a group of 57 subject tasks over one local file: split it per subject, one overriding YAML each."""
     builtin = lm_eval_tasks_dir() / "mmlu" / "default"
     per_subject: dict[str, dict[str, list[str]]] = {}
