@@ -12,16 +12,21 @@ export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench serve sweep clean
+.PHONY: setup run test bench serve sweep clean clean-setup
 
 setup: $(STAMP)
 
-# Reinstalls only when the dependency list or the pins change.
-$(STAMP): pyproject.toml constraints.txt
+# Reinstalls only when the dependency list, the pins or the llama.cpp build recipe change.
+# llama-cpp-python comes from scripts/llama-cpp-wheel.sh: built from source without ggml's AMX path, cached
+# under a key of its flags and this CPU (never pip's sdist-keyed wheel cache); the set-up check then runs
+# the embedded model in llama.cpp in a subprocess, so a broken build stops here with one message.
+$(STAMP): pyproject.toml constraints.txt scripts/llama-cpp-wheel.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	wheel=$$(scripts/llama-cpp-wheel.sh $(PY)) && $(PY) -m pip install -q --force-reinstall --no-deps "$$wheel"
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m dropquant.setup_check
 	touch $@
 
 run: setup
@@ -41,6 +46,10 @@ sweep: setup
 # The sweep on sweep.cron, served from a local Prefect server on 127.0.0.1:4200 (its UI); Ctrl-C stops both.
 serve: setup
 	$(PY) -m flows serve $(ARGS)
+
+# The virtual environment and this machine's cached llama.cpp build: the next `make setup` rebuilds both.
+clean-setup:
+	rm -rf $(VENV) "$$(scripts/llama-cpp-wheel.sh python3 --print-dir)"
 
 clean:
 	rm -rf data/calibration data/scores data/drop data/pruned data/gguf data/baseline data/eval .prefect

@@ -5,6 +5,9 @@ from pathlib import Path
 
 from .atomic import atomic_path
 
+# No "Software: Matplotlib vX" chunk: the same figure has the same bytes whichever matplotlib drew it.
+PNG_METADATA = {"Software": None}
+
 
 def pyplot():
     """matplotlib's pyplot on the headless Agg backend (no display here or in CI)."""
@@ -22,7 +25,9 @@ def importance_heatmap(importance: dict[str, list[float]], path: str | Path, tit
 
     plt = pyplot()
     rows = ["attn", "mlp", "block"]
-    data = np.array([importance[r] for r in rows])
+    # Drawn from 4 significant digits (more than a colour shows), so float noise in the last bits of a
+    # score can never change the picture's bytes and make DVC see a changed output.
+    data = np.array([[float(f"{v:.4g}") for v in importance[r]] for r in rows])
     n_layers = data.shape[1]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * n_layers + 2), 2.6))
     from matplotlib.colors import LogNorm
@@ -39,5 +44,5 @@ def importance_heatmap(importance: dict[str, list[float]], path: str | Path, tit
     fig.colorbar(im, ax=ax, label="importance\n(low = redundant)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata=PNG_METADATA)
     plt.close(fig)

@@ -1,7 +1,6 @@
 """Drop: choose the attention layers, MLPs or blocks to remove (one shot, from the scores) and write the pruned model."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -14,19 +13,8 @@ PRUNED = Path("data/pruned")
 EXPORT = Path("data/export")
 
 
-def read_scores(path: Path):
-    """The scores file, or None when there is none (only importance/contiguous selection needs it)."""
-    from dropquant.errors import DropquantError
-
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DropquantError(f"{path}: not valid JSON ({err}); re-run the score stage") from None
-
-
 def run(params, args) -> None:
+    from dropquant.artifacts import PLAN_ID, file_sha256, plan_id, read_json
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.models import load_config, load_model, load_tokenizer, model_identity, resolve_source
     from dropquant.pruning import checkpoint_tensor_bytes, dropped_parameters, prune_model, save_pruned, summary
@@ -37,17 +25,21 @@ def run(params, args) -> None:
     config = load_config(source)
     n_layers = config.num_hidden_layers
     identity = model_identity(config, source)
-    scores = read_scores(args.scores)
+    # Only importance/contiguous selection needs scores; select() says so when they are missing.
+    scores = read_json(args.scores, "scores", "run the score stage") if args.scores.is_file() else None
     if scores is not None:
         check_scores(scores, n_layers, identity["fingerprint"], origin=str(args.scores))
     plan = select(params, n_layers, scores)
     log.info("plan: %s", describe(plan))
+    record = {**plan.to_json(identity), "scores_sha256": file_sha256(args.scores) if scores is not None else None}
+    record[PLAN_ID] = plan_id(record)
 
     model = load_model(source)
     before = summary(model)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     dropped = dropped_parameters(model, plan)
     prune_model(model, plan)
+    model.config.dropquant[PLAN_ID] = record[PLAN_ID]  # the checkpoint names the plan that cut it
     after = summary(model)
     save_pruned(model, args.pruned, tokenizer=load_tokenizer(source))
     written = checkpoint_tensor_bytes(args.pruned)
@@ -72,10 +64,9 @@ def run(params, args) -> None:
         with atomic_dir(args.export) as tmp:
             write_json(tmp / "manifest.json", export)
 
-    record = model.config.dropquant
     result = {
-        **plan.to_json(identity),
-        "kept_layers": record["kept_layers"],
+        **record,
+        "kept_layers": model.config.dropquant["kept_layers"],
         "size": {"base_tensor_bytes": base_bytes, "pruned_tensor_bytes": written,
                  "dropped_params": dropped["params"], "dropped_bytes": dropped["bytes"],
                  "base_params": before["params"], "pruned_params": after["params"]},

@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from dropquant.artifacts import check_same, params_digest, read_gguf_manifest, read_json, read_plan
 from dropquant.atomic import atomic_dir, write_json
 from dropquant.errors import DropquantError
 from dropquant.evaluation.accuracy import evaluate_accuracy, make_lm
@@ -44,16 +45,13 @@ def _reuse_key(params) -> dict:
             "fidelity_tokens": e.fidelity_tokens, "n_ctx": e.n_ctx, "quant_type": params.quantize.type}
 
 
-def _require(path: str, hint: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise DropquantError(f"{path} not found ({hint})")
-    return p
+BASE_HINT = "run the baseline stage: python -m stages.quantize --baseline"
 
 
 def run_baseline(params, args) -> None:
     e = params.eval
-    base = _require(args.base_gguf, "run the baseline stage: python -m stages.quantize --baseline")
+    base = Path(args.base_gguf)
+    base_manifest = read_gguf_manifest(base.parent, BASE_HINT)
     data_dir = _data_dir(params)
     accuracy = evaluate_accuracy(make_lm(base, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
     ref = None
@@ -65,24 +63,44 @@ def run_baseline(params, args) -> None:
         if ref is not None:
             ref.save(tmp / "fidelity_ref.npz")
         write_json(tmp / "manifest.json", {"gguf": str(base), "gguf_bytes": os.path.getsize(base),
+                                           "gguf_sha256": base_manifest["sha256"],
                                            "base_ppl": ref.ppl if ref is not None else None,
                                            "params": _reuse_key(params)})
     log.info("baseline: avg %s, ppl %s -> %s", accuracy["avg"], ref.ppl if ref is not None else None, args.base_eval)
 
 
-def run_variant(params, args) -> None:
-    e = params.eval
-    variant = _require(args.gguf, "run the quantize stage")
-    base = _require(args.base_gguf, "run the baseline stage: python -m stages.quantize --baseline")
+def check_inputs(params, args) -> dict:
+    """Variant GGUF <-> plan, base GGUF <-> same model and quant type, baseline evaluation <-> base GGUF and
+    parameters: all checked before any work, so a stale or mismatched input is one clear error."""
+    variant_dir, base_dir = Path(args.gguf).parent, Path(args.base_gguf).parent
+    variant = read_gguf_manifest(variant_dir, "run the quantize stage")
+    base = read_gguf_manifest(base_dir, BASE_HINT)
+    plan = read_plan(args.plan)
+    hint = "re-run the quantize stage (dvc repro does)"
+    check_same(f"{variant_dir}/manifest.json", "plan_id", variant.get("plan_id"), plan["plan_id"], hint)
+    check_same(f"{base_dir}/manifest.json", "model fingerprint", (base.get("model") or {}).get("fingerprint"),
+               (variant.get("model") or {}).get("fingerprint"), f"the base GGUF is another model's; {BASE_HINT}")
+    for who, manifest in (("variant", variant), ("base", base)):
+        check_same(f"{who} GGUF manifest", "type", manifest.get("type"), params.quantize.type,
+                   f"quantize.type is {params.quantize.type}; {hint if who == 'variant' else BASE_HINT}")
     base_eval = Path(args.base_eval)
-    manifest = json.loads(_require(str(base_eval / "manifest.json"),
-                                   "run the baseline_eval stage: python -m stages.evaluate --baseline").read_text())
+    manifest = read_json(base_eval / "manifest.json", "baseline evaluation",
+                         "run the baseline_eval stage: python -m stages.evaluate --baseline")
     if manifest.get("params") != _reuse_key(params):
         raise DropquantError(f"{base_eval} was computed with {manifest.get('params')}, but the current parameters are "
                              f"{_reuse_key(params)}: rerun python -m stages.evaluate --baseline (dvc repro does)")
+    check_same(f"{base_eval}/manifest.json", "gguf_sha256", manifest.get("gguf_sha256"), base["sha256"],
+               "rerun python -m stages.evaluate --baseline (dvc repro does)")
+    return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"]}
+
+
+def run_variant(params, args) -> None:
+    e = params.eval
+    inputs = check_inputs(params, args)
+    variant, base, base_eval = Path(args.gguf), Path(args.base_gguf), Path(args.base_eval)
     base_accuracy = json.loads((base_eval / "accuracy.json").read_text())
-    plan = json.loads(Path(args.plan).read_text()) if Path(args.plan).is_file() else {}
-    method, n = plan.get("method", params.drop.method), plan.get("n", params.drop.n)
+    plan = inputs["plan"]
+    method, n = plan["method"], plan["n"]
 
     data_dir = _data_dir(params)
     accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
@@ -92,6 +110,10 @@ def run_variant(params, args) -> None:
     metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
                             accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,
                             variant_bytes=os.path.getsize(variant))
+    # What these numbers measured: `dvc exp show` lists it, and a report refuses metrics of another variant.
+    metrics["variant"] = {"plan_id": plan["plan_id"], "gguf_sha256": inputs["gguf_sha256"][:16],
+                          "base_gguf_sha256": inputs["base_gguf_sha256"][:16],
+                          "model": (plan.get("model") or {}).get("fingerprint"), "params": params_digest(params)}
     out = Path(args.out)
     label = f"{method}-{n} {params.quantize.type}"
     with atomic_dir(out / "plots") as tmp:
@@ -114,7 +136,7 @@ def add_arguments(parser) -> None:
                         help="evaluate the unpruned GGUF once (accuracy + fidelity reference) into data/baseline/eval")
     parser.add_argument("--gguf", default=VARIANT_GGUF, help=f"variant GGUF (default {VARIANT_GGUF})")
     parser.add_argument("--base-gguf", default=BASE_GGUF, help=f"unpruned GGUF, same quant type (default {BASE_GGUF})")
-    parser.add_argument("--plan", default=PLAN, help=f"drop plan, for labelling (default {PLAN})")
+    parser.add_argument("--plan", default=PLAN, help=f"drop plan the variant was cut by (default {PLAN})")
     parser.add_argument("--base-eval", default=BASE_EVAL, help=f"baseline evaluation folder (default {BASE_EVAL})")
     parser.add_argument("--out", default=OUT, help=f"output folder (default {OUT})")
 

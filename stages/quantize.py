@@ -1,7 +1,6 @@
 """Quantize: the pruned checkpoint -> a GGUF file that llama.cpp runs, at quantize.type (--baseline: the unpruned model)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -17,28 +16,8 @@ OUT = Path("data/gguf")
 BASELINE_OUT = Path("data/baseline/gguf")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_calibration(path: Path):
-    from safetensors.torch import load_file
-
-    from dropquant.errors import DropquantError
-
-    if not path.is_file():
-        raise DropquantError(f"quantize.imatrix needs the calibration tokens {path}; run the calibrate stage first")
-    tokens = load_file(str(path)).get("input_ids")
-    if tokens is None or tokens.ndim != 2:
-        raise DropquantError(f"{path}: expected a tensor 'input_ids' of shape [n_samples, seq_len]")
-    return tokens
-
-
 def run(params, args) -> None:
+    from dropquant.artifacts import check_pruned_matches_plan, file_sha256, read_calibration, read_json, read_plan
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.errors import DropquantError
     from dropquant.gguf_export import export_model
@@ -54,20 +33,20 @@ def run(params, args) -> None:
     if params.quantize.imatrix and not use_imatrix:
         log.info("quantize.imatrix ignored: %s is not a quantized type", qtype)
     source = resolve_source(params.model.source, params.model.revision)
+    identity = model_identity(load_config(source), source)
     out = args.out or (BASELINE_OUT if args.baseline else OUT)
-    calibration = load_calibration(args.calibration) if use_imatrix else None
+    calibration = read_calibration(args.calibration, identity)[0] if use_imatrix else None
 
     if args.baseline:
-        config = load_config(source)
-        identity, plan = model_identity(config, source), None
+        plan = None
         model = load_model(source)
     else:
-        from dropquant.pruning import load_pruned
+        from dropquant.pruning import RECORD_KEY, load_pruned
 
-        if not (args.pruned / "config.json").is_file() or not args.plan.is_file():
-            raise DropquantError(f"no pruned model at {args.pruned} (or no {args.plan}); run the drop stage first")
-        plan = json.loads(args.plan.read_text())
-        identity = plan.get("model")
+        # The plan must be this model's, and the checkpoint the one it cut: checked before any weight is read.
+        plan = read_plan(args.plan, identity)
+        config = read_json(args.pruned / "config.json", "pruned checkpoint", "run the drop stage")
+        check_pruned_matches_plan(config.get(RECORD_KEY), plan, args.pruned, args.plan)
         model = load_pruned(args.pruned)
 
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
@@ -108,9 +87,10 @@ def run(params, args) -> None:
         manifest = {
             "type": qtype,
             "size_bytes": final.stat().st_size,
-            "sha256": sha256_file(final),
+            "sha256": file_sha256(final),
             "arch": info.arch,
             "plan": plan,
+            "plan_id": None if plan is None else plan["plan_id"],
             "model": identity,
             "baseline": bool(args.baseline),
             "imatrix": imatrix_record,

@@ -13,27 +13,6 @@ CALIBRATION = Path("data/calibration/tokens.safetensors")
 OUT = Path("data/scores")
 
 
-def read_calibration(path: Path, identity: dict):
-    """The calibration tokens, refused if they were made for another model (its tokenizer may differ)."""
-    import json
-
-    from safetensors import safe_open
-
-    from dropquant.errors import DropquantError
-
-    manifest = path.parent / "manifest.json"
-    if not path.is_file() or not manifest.is_file():
-        raise DropquantError(f"calibration tokens not found: {path} (run the calibrate stage first)")
-    made_for = json.loads(manifest.read_text()).get("model", {})
-    if made_for.get("fingerprint") != identity["fingerprint"]:
-        raise DropquantError(f"{path} was made for model '{made_for.get('source')}', not '{identity['source']}': "
-                             "re-run calibrate")
-    with safe_open(str(path), framework="pt") as f:
-        if "input_ids" not in f.keys():
-            raise DropquantError(f"{path} has no tensor 'input_ids'")
-        return f.get_tensor("input_ids")
-
-
 def importance_csv(importance: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -44,6 +23,7 @@ def importance_csv(importance: dict) -> str:
 
 
 def run(params, args) -> None:
+    from dropquant.artifacts import read_calibration
     from dropquant.atomic import write_json, write_text
     from dropquant.models import load_config, load_model, model_identity, resolve_source
     from dropquant.plots import importance_heatmap
@@ -51,11 +31,11 @@ def run(params, args) -> None:
 
     source = resolve_source(params.model.source, params.model.revision)
     identity = model_identity(load_config(source), source)
-    input_ids = read_calibration(args.calibration, identity)
+    input_ids, calibration = read_calibration(args.calibration, identity)
     model = load_model(source)
     log.info("scoring %s on %d tokens", source.spec, input_ids.numel())
     scores = score_model(model, input_ids, params.score.batch_size, params.score.metric)
-    result = {"model": identity, **scores}
+    result = {"model": identity, "calibration": {"sha256": calibration["sha256"]}, **scores}
     imp = scores["importance"]
     for unit in ("attn", "mlp", "block"):
         log.info("mean %s importance %.4f", unit, sum(imp[unit]) / len(imp[unit]))

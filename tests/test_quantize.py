@@ -186,18 +186,29 @@ def test_imatrix_reaches_the_quantizer(f32_gguf, tmp_path):
 
 @pytest.fixture
 def workspace(tmp_path, hf_tokenizer):
-    """A source HF directory (tiny model + the embedded tokenizer), its pruned checkpoint, plan and calibration."""
+    """A source HF directory (tiny model + the embedded tokenizer), its pruned checkpoint, plan and calibration,
+    each recording what it was made from as the stages write them."""
     from safetensors.torch import save_file
+
+    from dropquant.artifacts import plan_id
+    from dropquant.calibration import tokens_digest
+    from dropquant.models import load_config, model_identity, resolve_source
 
     base = tiny_llama(layers=4)
     source = tmp_path / "source"
     save_pruned(base, source, tokenizer=hf_tokenizer)
+    src = resolve_source(str(source))
+    identity = model_identity(load_config(src), src)
     p = plan(attn=[0, 3], mlp=[1])
+    record = p.to_json(identity)
+    record["plan_id"] = plan_id(record)
     pruned = prune_model(copy.deepcopy(base), p)
+    pruned.config.dropquant["plan_id"] = record["plan_id"]
     save_pruned(pruned, tmp_path / "pruned", tokenizer=hf_tokenizer)
-    (tmp_path / "plan.json").write_text(json.dumps({**p.to_json({"fingerprint": "f00"}), "kept_layers": [0, 1, 2, 3]}))
-    save_file({"input_ids": torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(5))},
-              str(tmp_path / "tokens.safetensors"))
+    (tmp_path / "plan.json").write_text(json.dumps({**record, "kept_layers": [0, 1, 2, 3]}))
+    tokens = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(5))
+    save_file({"input_ids": tokens}, str(tmp_path / "tokens.safetensors"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"model": identity, "sha256": tokens_digest(tokens)}))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"source": str(source)}}))
     return tmp_path
 
@@ -215,7 +226,8 @@ def test_stage_variant_f32_is_the_pruned_model(workspace):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.gguf"]
     assert manifest["type"] == "F32" and manifest["arch"] == "deci" and manifest["baseline"] is False
-    assert manifest["plan"]["attn"] == [0, 3] and manifest["model"] == {"fingerprint": "f00"}
+    assert manifest["plan"]["attn"] == [0, 3] and manifest["model"]["source"] == str(workspace / "source")
+    assert manifest["plan_id"] == json.loads((workspace / "plan.json").read_text())["plan_id"]
     assert manifest["size_bytes"] == (out / "model.gguf").stat().st_size
     assert manifest["sha256"] == hashlib.sha256((out / "model.gguf").read_bytes()).hexdigest()
 
@@ -247,5 +259,5 @@ def test_stage_errors_leave_nothing(workspace, capsys):
     assert stage(workspace, "--out", str(out), "-S", "quantize.type=Q5_9") == 2
     (workspace / "plan.json").unlink()
     assert stage(workspace, "--out", str(out)) == 2
-    assert "run the drop stage first" in capsys.readouterr().err
+    assert "run the drop stage" in capsys.readouterr().err
     assert not out.exists()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Print the path of a llama-cpp-python wheel built for this machine, building it first if needed.
+#
+# Why not `pip install llama-cpp-python`: pip's wheel cache is keyed by the sdist alone, so a wheel built
+# with other CMAKE_ARGS (or on another CPU, with GGML_NATIVE's -march=native) would be reused silently.
+# Here the cache directory is keyed by everything the binary depends on: the version, the CMake flags,
+# this CPU's feature flags, the compiler and the Python; pip's own cache is bypassed (--no-cache-dir).
+#
+# ggml compiles its AMX matmul path when the compiler defines __AMX_INT8__ (GGML_NATIVE on an AMX CPU);
+# it segfaults on some machines (ggml-org/llama.cpp#20824). -U__AMX_INT8__ removes only that path:
+# AVX2/AVX-512/VNNI/BF16 stay native. dropquant.setup_check verifies the result after installing.
+#
+# usage: scripts/llama-cpp-wheel.sh PYTHON [--print-dir]
+set -euo pipefail
+PY=${1:?usage: llama-cpp-wheel.sh PYTHON [--print-dir]}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VERSION=$(sed -n 's/^llama[-_]cpp[-_]python==//Ip' "$ROOT/constraints.txt")
+[ -n "$VERSION" ] || { echo "llama-cpp-wheel.sh: no llama-cpp-python pin in constraints.txt" >&2; exit 2; }
+CMAKE_FLAGS="-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__ ${DROPQUANT_LLAMA_CMAKE_ARGS:-}"
+CPU=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | tr ' ' '\n' | sort | tr '\n' ' ' || uname -m)
+CC_VERSION=$( (cc --version 2>/dev/null || echo none) | head -1)
+KEY=$(printf '%s\n' "$VERSION" "$CMAKE_FLAGS" "$CPU" "$CC_VERSION" "$("$PY" -c 'import sys; print(sys.version)')" \
+      | sha256sum | cut -c1-16)
+CACHE=${DROPQUANT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dropquant/llama-cpp-python}
+DIR="$CACHE/$VERSION-$KEY"
+if [ "${2:-}" = "--print-dir" ]; then echo "$DIR"; exit 0; fi
+WHEEL=$(ls "$DIR"/llama_cpp_python-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$WHEEL" ]; then
+  echo "building llama-cpp-python $VERSION from source (about 4 minutes on 2 cores; CMAKE_ARGS=$CMAKE_FLAGS)" >&2
+  mkdir -p "$CACHE"
+  TMP=$(mktemp -d "$CACHE/.build.XXXXXX")
+  trap 'rm -rf "$TMP"' EXIT
+  CMAKE_ARGS="$CMAKE_FLAGS" "$PY" -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+      -w "$TMP" "llama-cpp-python==$VERSION" >&2
+  rm -rf "$DIR"
+  mv "$TMP" "$DIR"  # whole directory renamed at once: a killed build never leaves a wheel that looks finished
+  WHEEL=$(ls "$DIR"/llama_cpp_python-*.whl | head -1)
+fi
+echo "$WHEEL"
