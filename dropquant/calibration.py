@@ -19,6 +19,15 @@ GENERATED = "generated"
 HF_PREFIX = "hf:"
 
 
+def check_seq_len(config, seq_len: int) -> None:
+    """Blocks longer than the model's position range would score positions it never saw in training (and
+    sampling them from the model costs hours): refused before any work."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise DropquantError(f"calibration.seq_len={seq_len} is longer than the model's context: "
+                             f"max_position_embeddings is {limit}")
+
+
 def resolve_files(pattern: str) -> list[Path]:
     """A path or glob of .txt / .jsonl files, sorted so the order never depends on the file system."""
     matches = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True))

@@ -3,7 +3,7 @@
 Nothing dropped, or only whole blocks: the plain `llama` architecture with fewer blocks.
 Attention or MLP sublayers dropped: the `deci` architecture (Nemotron-NAS), whose per-layer
 `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays let each block
-have its own shape. Three facts of llama.cpp's deci graph shape the layout (see DESIGN.md):
+have its own shape. Four facts of llama.cpp's deci graph and KV cache shape the layout (see DESIGN.md):
 
 - head_count 0: the block has no attention tensors and no attn_norm and computes x + FFN(x), an
   exact Attention Drop whose compute and KV cache are really gone.
@@ -14,6 +14,9 @@ have its own shape. Three facts of llama.cpp's deci graph shape the layout (see 
 - the first block's head_count sets the head size of the whole model, so the first block cannot
   have head_count 0. Its dropped attention is written as deci's "linear attention" form
   (head_count > 0, head_count_kv 0: x + W_o * norm(x)) with W_o all zero: exact, and no KV cache.
+- llama.cpp cannot create a context whose KV cache has no bytes at all ("failed to allocate buffer
+  for kv cache"). So when every attention is dropped, the first block carries a real attention with
+  one KV head and all-zero weights: uniform scores over zero values, times a zero W_o, adds exactly 0.
 
 A block whose attention and MLP are both dropped is the identity and is left out.
 """
@@ -65,6 +68,7 @@ class Block:
 
     layer: int  # index into the checkpoint's layers (0..num_hidden_layers-1)
     attn: str   # "keep" | "drop" (head_count 0) | "zero" (first block: zero linear attention)
+                #  | "zero_kv" (first block when no attention is left: zero attention, one KV head)
     mlp: str    # "keep" | "zero" (stand-in FFN with zero weights)
 
 
@@ -100,7 +104,9 @@ def plan_blocks(num_layers: int, dropped_attn, dropped_mlp) -> tuple[str, list[B
               for i in range(num_layers) if not (i in dropped_attn and i in dropped_mlp)]
     if not blocks:
         raise DropquantError("pruned checkpoint: every attention and MLP layer is dropped; nothing left to export")
-    if blocks[0].attn == "drop":
+    if all(b.attn == "drop" for b in blocks):
+        blocks[0] = Block(blocks[0].layer, "zero_kv", blocks[0].mlp)
+    elif blocks[0].attn == "drop":
         blocks[0] = Block(blocks[0].layer, "zero", blocks[0].mlp)
     plain = all(b.attn == "keep" and b.mlp == "keep" for b in blocks)
     return (ARCH_LLAMA if plain else ARCH_DECI), blocks
@@ -154,10 +160,11 @@ def llama3_rope_factors(rs: dict, theta: float, head_dim: int) -> np.ndarray:
 def _load_checkpoint(path: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file  # torch, not numpy: numpy has no bfloat16
 
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
+    from .pruning import read_config_json
+
+    if not (path / "config.json").is_file():
         raise DropquantError(f"{path}: no config.json; expected a (pruned) Hugging Face checkpoint directory")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_config_json(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise DropquantError(f"{path}: no *.safetensors weights")
@@ -226,7 +233,7 @@ def write_gguf(out: str | Path, state: Mapping[str, Any], config: Any, dropped_a
     arch, blocks = plan_blocks(n_layers, dropped_attn, dropped_mlp)
     info = ExportInfo(arch, blocks,
                       head_count=[0 if b.attn == "drop" else n_head for b in blocks],
-                      head_count_kv=[n_head_kv if b.attn == "keep" else 0 for b in blocks],
+                      head_count_kv=[{"keep": n_head_kv, "zero_kv": 1}.get(b.attn, 0) for b in blocks],
                       feed_forward_length=[n_ff if b.mlp == "keep" else ZERO_FFN_WIDTH for b in blocks])
     log.info("GGUF layout: %s, %d blocks from %d layers (%d attention-free, %d zero-FFN)", arch, len(blocks), n_layers,
              sum(b.attn != "keep" for b in blocks), sum(b.mlp == "zero" for b in blocks))
@@ -300,6 +307,12 @@ def write_gguf(out: str | Path, state: Mapping[str, Any], config: Any, dropped_a
         elif blk.attn == "zero":
             put("input_layernorm.weight", b, np.ones(n_embd, np.float32))
             put("self_attn.o_proj.weight", b, np.zeros((n_embd, n_embd), np.float32))
+        elif blk.attn == "zero_kv":
+            put("input_layernorm.weight", b, np.ones(n_embd, np.float32))
+            put("self_attn.q_proj.weight", b, np.zeros((n_head * head_dim, n_embd), np.float32))
+            put("self_attn.k_proj.weight", b, np.zeros((head_dim, n_embd), np.float32))
+            put("self_attn.v_proj.weight", b, np.zeros((head_dim, n_embd), np.float32))
+            put("self_attn.o_proj.weight", b, np.zeros((n_embd, n_head * head_dim), np.float32))
         if blk.mlp == "keep":
             put("post_attention_layernorm.weight", b, *take(src + "post_attention_layernorm.weight"))
             for proj in ("gate_proj", "up_proj", "down_proj"):

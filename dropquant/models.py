@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_TIMEOUT_S = 10  # one look-up on the hub; transformers' own download path retries for ~25 s
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ def embedded_gguf_path() -> Path:
 
 
 def resolve_source(spec: str, revision: Optional[str] = None) -> ModelSource:
+    """Where `spec` points, checked cheaply so that a typo fails at once: a missing or cut-off file, a
+    directory that is not there, a hub id that is neither cached nor reachable."""
     if spec == EMBEDDED:
         path = embedded_gguf_path()
         return ModelSource(spec, str(path.parent), path.name)
@@ -60,14 +64,122 @@ def resolve_source(spec: str, revision: Optional[str] = None) -> ModelSource:
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise DropquantError(f"model.source: GGUF file not found: {spec}")
+        check_gguf_file(path)
         return ModelSource(spec, str(path.parent.resolve()), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DropquantError(f"model.source: directory {spec} has no config.json (not a Hugging Face model directory)")
         return ModelSource(spec, str(path.resolve()), revision=revision)
-    if path.exists() or spec.startswith((".", "/", "~")):
+    if path.exists():
         raise DropquantError(f"model.source: {spec} is neither a Hugging Face directory nor a .gguf file")
-    return ModelSource(spec, spec, revision=revision)  # a hub id
+    if _looks_like_a_path(spec, path):
+        raise DropquantError(f"model.source: no such directory: {spec}")
+    check_hub_id(spec, revision)
+    return ModelSource(spec, spec, revision=revision)
+
+
+def _looks_like_a_path(spec: str, path: Path) -> bool:
+    """A hub id is `name` or `org/name`; anything else, or a name under a directory that exists here, is a path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" in spec and path.parent.is_dir())
+
+
+def check_hub_id(repo_id: str, revision: Optional[str]) -> None:
+    """A hub id must be in the local cache or answer on the hub; otherwise transformers retries for ~25 s."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import (HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    what = f"model.source: '{repo_id}' is not a local directory or .gguf file"
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+            return
+        HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+    except HFValidationError:
+        raise DropquantError(f"{what}, nor a valid Hugging Face id") from None
+    except OfflineModeIsEnabled:
+        raise DropquantError(f"{what}, and as a Hugging Face id it is not in the local cache "
+                             "(offline: HF_HUB_OFFLINE is set)") from None
+    except RevisionNotFoundError:
+        raise DropquantError(f"model.revision: '{revision}' does not exist for '{repo_id}' "
+                             "on the Hugging Face hub") from None
+    except RepositoryNotFoundError:
+        raise DropquantError(f"{what}, and the Hugging Face hub has no model '{repo_id}' "
+                             "(or it is private: log in with `hf auth login`)") from None
+    except Exception as err:  # the hub client raises many transport error types
+        raise DropquantError(f"{what}, and the Hugging Face hub is unreachable to look it up "
+                             f"({type(err).__name__}: {err})") from None
+
+
+def check_gguf_file(path: Path) -> None:
+    """A .gguf source must hold all the bytes its header promises: a cut-off copy otherwise fails deep in a loader."""
+    size = path.stat().st_size
+    try:
+        need = gguf_file_extent(path) if size else None
+    except struct.error:  # a read ran past the end of the file
+        need = None
+    except (ValueError, KeyError) as err:  # no magic bytes, an unknown value or tensor type
+        raise DropquantError(f"model.source: {path} is not a GGUF file ({err})") from None
+    if need is None or need > size:
+        what = (f"the file ({size} bytes) ends inside its header" if need is None
+                else f"its tensor data ends at byte {need}, the file has {size} bytes")
+        raise DropquantError(f"model.source: {path} is truncated: {what} (an interrupted download or copy?)")
+
+
+# GGUF metadata value types of fixed width (gguf-py's GGUFValueType), as struct formats; 8 = string, 9 = array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_file_extent(path: Path) -> int:
+    """Bytes a GGUF file needs, from its header and tensor table only (no tensor data is read)."""
+    import mmap
+    from math import prod
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError("no GGUF magic bytes")
+        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+        pos, alignment = 24, 32
+        for _ in range(n_kv):
+            key, pos = _gguf_string(buf, pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            value, pos = _gguf_value(buf, pos + 4, vtype)
+            if key == b"general.alignment":
+                alignment = value
+        end = 0
+        for _ in range(n_tensors):
+            _, pos = _gguf_string(buf, pos)
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            end = max(end, offset + prod(dims) // block * block_bytes)
+    return -(-pos // alignment) * alignment + end
+
+
+def _gguf_string(buf, pos: int) -> tuple[bytes, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    return buf[pos + 8:pos + 8 + n], pos + 8 + n
+
+
+def _gguf_value(buf, pos: int, vtype: int):
+    """(value, position after it); arrays are skipped (value None)."""
+    if vtype in _GGUF_SCALARS:
+        fmt = "<" + _GGUF_SCALARS[vtype]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+    if vtype == 8:
+        return _gguf_string(buf, pos)
+    if vtype != 9:
+        raise ValueError(f"unknown metadata value type {vtype} at offset {pos}")
+    etype, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if etype in _GGUF_SCALARS:
+        return None, pos + count * struct.calcsize("<" + _GGUF_SCALARS[etype])
+    for _ in range(count):
+        _, pos = _gguf_value(buf, pos, etype)
+    return None, pos
 
 
 def load_config(source: ModelSource):

@@ -11,7 +11,9 @@ In memory:
 On disk (`save_pruned`): model.safetensors holds exactly the kept tensors (tied lm_head omitted), and
 config.json is the model's config with num_hidden_layers = kept blocks plus a "dropquant" record:
   {"base_num_hidden_layers": L, "kept_layers": [original index of each kept block],
-   "dropped_attn": [kept-layer indices], "dropped_mlp": [kept-layer indices]}
+   "dropped_attn": [kept-layer indices], "dropped_mlp": [kept-layer indices], "model_type": "llama"}
+With sublayers dropped, config.json's model_type is PRUNED_MODEL_TYPE, so that a plain transformers load
+fails instead of filling the dropped modules with random weights; the record keeps the real model type.
 `load_pruned` rebuilds the standard architecture from that config, applies the record, and loads the
 safetensors with strict key checking. No pickle, no remote code.
 """
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 
 RECORD_KEY = "dropquant"
 WEIGHTS_NAME = "model.safetensors"
+# transformers loads a Llama config whose layers lack weights with those weights randomly initialized and only a
+# warning. A model type it does not know makes it fail instead, and its error ("...has model type `X` but
+# Transformers does not recognize this architecture") quotes the type: so the type says what to do.
+PRUNED_MODEL_TYPE = ("dropquant-pruned (sublayers dropped: load it with dropquant.load_pruned(path); "
+                     "for vLLM or llama.cpp's converter, use drop.export: nemotron-nas)")
 ATTN_PARTS = ("input_layernorm", "self_attn")
 MLP_PARTS = ("post_attention_layernorm", "mlp")
 
@@ -197,9 +204,12 @@ def _tied_keys(model) -> set[str]:
 def config_dict(model) -> dict:
     data = model.config.to_dict()
     data["num_hidden_layers"] = len(decoder_layers(model))
-    record = pruning_record(model) or {
+    record = dict(pruning_record(model) or {
         "base_num_hidden_layers": data["num_hidden_layers"], "kept_layers": list(range(data["num_hidden_layers"])),
-        "dropped_attn": [], "dropped_mlp": []}
+        "dropped_attn": [], "dropped_mlp": []})
+    record["model_type"] = data["model_type"]
+    if record["dropped_attn"] or record["dropped_mlp"]:
+        data["model_type"] = PRUNED_MODEL_TYPE
     data[RECORD_KEY] = record
     data["architectures"] = [type(model).__name__]
     # The weights are written dequantized: a GGUF source's quantization record no longer applies.
@@ -254,6 +264,26 @@ def _weight_files(path: Path) -> list[Path]:
     raise DropquantError(f"{path}: no {WEIGHTS_NAME} (or sharded index) found; a pruned checkpoint is a safetensors directory")
 
 
+def read_config_json(path) -> dict:
+    """A checkpoint's config.json as a dict, a sublayer-dropped checkpoint's real model type put back."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    if raw.get("model_type") == PRUNED_MODEL_TYPE:
+        raw["model_type"] = (raw.get(RECORD_KEY) or {}).get("model_type")
+    return raw
+
+
+def _config_from_dict(raw: dict, path: Path):
+    from transformers import CONFIG_MAPPING
+
+    if raw.get("model_type") == "nemotron-nas":
+        from .nemotron import llama_config_from_nemotron
+
+        raw = llama_config_from_nemotron(raw)
+    if raw.get("model_type") not in CONFIG_MAPPING:
+        raise DropquantError(f"{path}/config.json: model_type {raw.get('model_type')!r} is not one transformers knows")
+    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+
+
 def read_record(config) -> dict:
     n = config.num_hidden_layers
     record = getattr(config, RECORD_KEY, None) or {
@@ -272,21 +302,13 @@ def load_pruned(path, dtype=None):
     """A pruned (or plain) Llama/Mistral HF directory as a torch model in eval mode, weights checked key by key."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise DropquantError(f"{path}: no config.json (not a Hugging Face model directory)")
     files = _weight_files(path)
-    raw = json.loads((path / "config.json").read_text())
-    if raw.get("model_type") == "nemotron-nas":
-        from transformers import LlamaConfig
-
-        from .nemotron import llama_config_from_nemotron
-
-        config = LlamaConfig.from_dict(llama_config_from_nemotron(raw))
-    else:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    config = _config_from_dict(read_config_json(path), path)
     check_architecture(config, str(path))
     record = read_record(config)
     dtype = dtype or torch.float32

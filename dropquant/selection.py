@@ -17,6 +17,8 @@ Selections (the paper's Table 7 ablations, plus Gromov et al. 2024):
 """
 from __future__ import annotations
 
+import json
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -58,8 +60,8 @@ class DropPlan:
 # --- scores ------------------------------------------------------------------------------------------
 
 def check_scores(scores: dict, num_layers: int, fingerprint: Optional[str] = None, origin: str = "scores") -> None:
-    """A scores file must come from this model: same fingerprint and one value per layer."""
-    if not isinstance(scores, dict) or "importance" not in scores:
+    """A scores file must come from this model: same fingerprint and one finite number per layer."""
+    if not isinstance(scores, dict) or not isinstance(scores.get("importance"), dict):
         raise DropquantError(f"{origin}: not a scores file (no 'importance' key); run the score stage")
     recorded = (scores.get("model") or {}).get("fingerprint")
     if fingerprint is not None and recorded != fingerprint:
@@ -69,11 +71,25 @@ def check_scores(scores: dict, num_layers: int, fingerprint: Optional[str] = Non
             f"the current model.source has fingerprint {fingerprint}: re-run the score stage")
     for unit in SCORE_UNITS:
         values = scores["importance"].get(unit)
-        if values is None or len(values) != num_layers:
-            got = None if values is None else len(values)
+        if not isinstance(values, (list, tuple)) or len(values) != num_layers:
+            got = len(values) if isinstance(values, (list, tuple)) else None
             raise DropquantError(
                 f"{origin}: importance.{unit} has {got} values but the model has {num_layers} layers: "
                 "the scores come from another model; re-run the score stage")
+        bad = _first_non_number(values)
+        if bad is not None:
+            raise DropquantError(f"{origin}: importance.{unit}[{bad}] (layer {bad}) is {json.dumps(values[bad])}, "
+                                 "not a number: re-run the score stage")
+    for start, row in enumerate(scores.get("span_angular") or []):
+        bad = _first_non_number(row) if isinstance(row, (list, tuple)) else 0
+        if bad is not None:
+            raise DropquantError(f"{origin}: span_angular[{start}][{bad}] is not a number: re-run the score stage")
+
+
+def _first_non_number(values: list) -> Optional[int]:
+    """Index of the first value that is not a finite number: a null is a TypeError when ranking, a NaN a wrong plan."""
+    return next((i for i, v in enumerate(values)
+                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)), None)
 
 
 # --- validation --------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ def run(params, args) -> None:
 
     c = params.calibration
     source = resolve_source(params.model.source, params.model.revision)
-    identity = model_identity(load_config(source), source)
+    config = load_config(source)
+    cal.check_seq_len(config, c.seq_len)
+    identity = model_identity(config, source)
     tokenizer = load_tokenizer(source)
     if c.source == cal.GENERATED:
         log.info("data-free calibration: sampling %d x %d tokens from %s", c.n_samples, c.seq_len, source.spec)

@@ -106,6 +106,8 @@ def test_plan_blocks_layouts():
     assert (blocks[2].attn, blocks[2].mlp) == ("keep", "zero")
     with pytest.raises(DropquantError, match="every attention and MLP"):
         plan_blocks(2, [0, 1], [0, 1])
+    # No attention left: llama.cpp needs a KV cache of some size, so the first block keeps a zero one.
+    assert [b.attn for b in plan_blocks(3, [0, 1, 2], [1])[1]] == ["zero_kv", "drop"]
 
 
 # --- exact parity on a tiny random Llama -----------------------------------------------------------
@@ -183,6 +185,34 @@ def test_tied_embeddings_and_hf_checkpoint_dir(tmp_path, tokenizer_gguf, hf_toke
     ids = list(range(100, 140))
     got, ref = llama_logits(tmp_path / "model.gguf", ids), torch_logits(pruned, ids)
     assert np.abs(got - ref).max() <= 1e-2
+
+
+def test_every_attention_dropped_parity_and_context(tmp_path, tokenizer_gguf):
+    """Regression: with no attention at all, llama.cpp could not create a context ("failed to allocate buffer
+    for kv cache"). The first block now carries one zero attention with one KV head: exact, and a tiny cache."""
+    import llama_cpp
+
+    pruned = prune_model(tiny_llama(), plan(attn=range(L), mlp=[2]))
+    ids = [int(i) for i in torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(7))]
+    ref = torch_logits(pruned, ids)
+    path = tmp_path / "model.gguf"
+    info = export_model(pruned, path, tokenizer_gguf=tokenizer_gguf)
+    assert (info.head_count, info.head_count_kv) == ([4, 0, 0, 0, 0], [1, 0, 0, 0, 0])
+    assert info.n_params - info.n_standin_params == torch_params(pruned)
+    got = llama_logits(path, ids)
+    assert np.abs(got - ref).max() <= 1e-3
+    # One KV head of 16 dims in F16, K and V, 4096 cells: 0.25 MiB.
+    assert kv_cache_mib(path, n_ctx=4096, flash_attn=True) == pytest.approx(0.25, abs=0.01)
+
+    q8 = tmp_path / "model.Q8_0.gguf"
+    quantize_gguf(path, q8, "Q8_0")
+    assert kl_divergence(ref, llama_logits(q8, ids)) < Q8_KL_BOUND_TINY
+    llm = llama_cpp.Llama(str(q8), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        out = llm.create_completion("Once upon a time", max_tokens=6, temperature=0.0)
+        assert out["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()
 
 
 def test_mlp_drop_written_with_ffn_length_zero_is_wrong(tmp_path, tokenizer_gguf):
@@ -311,6 +341,7 @@ EMBEDDED_PLANS = {
     "joint4": plan(attn=[18, 25], mlp=[25, 28], layers=30),
     "attn15_high_with_layer0": plan(attn=[0] + list(range(15, 29)), layers=30),
     "joint24_high": plan(attn=list(range(6, 28)) + [0], mlp=[27], layers=30),
+    "attn30_all": plan(attn=range(30), layers=30),
 }
 
 

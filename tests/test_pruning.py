@@ -47,6 +47,7 @@ PLANS = {
     "mlp": plan("mlp", mlp=[1, 4]),
     "block": plan("block", blocks=[0, 3]),
     "joint": plan("joint", attn=[1, 3], mlp=[3, 5]),  # layer 3 loses both halves: the identity
+    "attn_all": plan("attn", attn=list(range(L))),     # no attention, no KV cache at all
 }
 
 
