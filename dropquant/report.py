@@ -22,10 +22,11 @@ MARKERS = {"none": "*", "attn": "o", "mlp": "s", "block": "^", "joint": "D"}
 COLUMNS = (  # (header, row key, format)
     ("experiment", "name", "{}"), ("method", "method", "{}"), ("n", "n", "{}"), ("quant", "quant_type", "{}"),
     ("avg acc", "avg", "{:.4f}"), ("Δ acc", "avg_delta", "{:+.4f}"), ("tg speed-up", "speedup", "{:.3f}×"),
-    ("pp speed-up", "speedup_pp", "{:.3f}×"),
+    ("pp speed-up", "speedup_pp", "{:.3f}×"), ("speed noisy", "speed_noisy", "{}"),
     ("size MB", "size_mb", "{:.1f}"), ("ppl", "ppl", "{:.3f}"), ("KLD", "kld", "{:.4f}"),
-    ("top-1 agree", "top1_agree", "{:.3f}"),
+    ("top-1 agree", "top1_agree", "{:.3f}"), ("note", "note", "{}"),
 )
+STALE = "metrics.json was measured for other parameters (evaluate did not run for this variant): not shown"
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -40,6 +41,9 @@ def _row(entry: dict, metrics_file: str) -> dict:
     data = entry.get("data") or {}
     params = _get(data, "params", "params.yaml", "data") or {}
     metrics = _get(data, "metrics", metrics_file, "data") or {}
+    stale = bool(metrics) and not measured_with(metrics, params)
+    if stale:
+        metrics = {}
     speedup = next((metrics.get(k) for k in SPEEDUPS if metrics.get(k) is not None), None)
     return {
         "name": entry.get("name") or (entry.get("rev") or "")[:7],
@@ -49,9 +53,24 @@ def _row(entry: dict, metrics_file: str) -> dict:
         "quant_type": metrics.get("quant_type", _get(params, "quantize", "type")),
         "avg": metrics.get(ACCURACY), "base_avg": metrics.get("base_avg"), "avg_delta": metrics.get("avg_delta"),
         "speedup": speedup, "speedup_pp": metrics.get("speedup_pp"), "size_mb": metrics.get(SIZE), "ppl": metrics.get("ppl"), "kld": metrics.get("kld"),
+        "speed_noisy": {True: "yes", False: "no"}.get(metrics.get("speed_noisy")),  # the speed-ups' rounds disagreed
         "top1_agree": metrics.get("top1_agree"), "has_metrics": bool(metrics),
         "error": (entry.get("error") or {}).get("msg") if isinstance(entry.get("error"), dict) else entry.get("error"),
+        "note": STALE if stale else None,
     }
+
+
+def measured_with(metrics: dict, params: dict) -> bool:
+    """Whether the metrics were measured with exactly these parameters. A partial run (`dvc exp run ... quantize`)
+    carries the previous variant's metrics.json along; its recorded params digest then differs."""
+    from .artifacts import params_digest
+    from .errors import DropquantError
+
+    recorded = _get(metrics, "variant", "params")
+    try:
+        return recorded is not None and recorded == params_digest(params)
+    except DropquantError:  # parameters of another schema: nothing to compare with
+        return False
 
 
 def rows_from_exp_show(exp_show: list, names: Optional[Iterable[str]] = None,

@@ -5,14 +5,19 @@ import json
 
 import pytest
 
-from dropquant.report import markdown_table, pareto_front, rows_from_exp_show, write_report
+from dropquant.artifacts import params_digest
+from dropquant.report import STALE, markdown_table, pareto_front, rows_from_exp_show, write_report
 
 
-def _exp(name, method, n, qt, avg, speedup, size, stamp="2026-01-01T00:00:00"):
+def _exp(name, method, n, qt, avg, speedup, size, stamp="2026-01-01T00:00:00", measured_n=None):
+    """One experiment; measured_n: the drop.n its metrics.json was measured with (default: its own)."""
+    params = {"drop": {"method": method, "n": n}, "quantize": {"type": qt}}
+    measured = {"drop": {"method": method, "n": n if measured_n is None else measured_n}, "quantize": {"type": qt}}
     metrics = {"method": method, "n": n, "quant_type": qt, "avg": avg, "base_avg": 0.5, "avg_delta": avg - 0.5,
-               "speedup_tg": speedup, "speedup_pp": 9.9, "size_mb": size, "ppl": 12.5, "kld": 0.01, "top1_agree": 0.9}
+               "speedup_tg": speedup, "speedup_pp": 9.9, "size_mb": size, "ppl": 12.5, "kld": 0.01, "top1_agree": 0.9,
+               "variant": {"params": params_digest(measured)}}
     return {"rev": name * 3, "name": name, "error": None, "experiments": None, "data": {
-        "timestamp": stamp, "params": {"params.yaml": {"data": {"drop": {"method": method, "n": n}}}},
+        "timestamp": stamp, "params": {"params.yaml": {"data": params}},
         "metrics": {"data/eval/metrics.json": {"data": metrics}}}}
 
 
@@ -40,8 +45,21 @@ def test_markdown_table_formats_and_marks_missing_values():
     rows.append({"name": "x", "method": "mlp", "n": 8, "quant_type": "Q4_K_M"})
     lines = markdown_table(rows).splitlines()
     assert lines[0].startswith("| experiment | method | n | quant | avg acc |")
-    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | 0.4700 | -0.0300 | 1.250× | 9.900× | 121.0 | 12.500 | 0.0100 | 0.900 |"
-    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – |"
+    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | 0.4700 | -0.0300 | 1.250× | 9.900× | – | 121.0 | 12.500 | 0.0100 | 0.900 | – |"
+    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – | – | – |"
+
+
+def test_rows_refuse_metrics_measured_for_another_variant():
+    """`dvc exp run -S drop.n=8 quantize` keeps the previous variant's metrics.json: the report must not show it."""
+    stale = _exp("attn-8-Q8_0", "attn", 8, "Q8_0", 0.48, 1.2, 120.0, measured_n=4)
+    old = _exp("old", "attn", 8, "Q8_0", 0.48, 1.2, 120.0)
+    del old["data"]["metrics"]["data/eval/metrics.json"]["data"]["variant"]  # written before metrics named their variant
+    show = [{"rev": "abc", "name": "main", "data": {}, "experiments": [{"revs": [stale]}, {"revs": [old]}]}]
+    rows = rows_from_exp_show(show)
+    assert [r["name"] for r in rows] == ["attn-8-Q8_0", "old"]
+    for row in rows:
+        assert row["note"] == STALE and row["avg"] is None and row["speedup"] is None and not row["has_metrics"]
+        assert (row["method"], row["n"], row["quant_type"]) == ("attn", 8, "Q8_0")  # from the experiment's params
 
 
 @pytest.mark.parametrize("maximize, expected", [(True, [(1.0, 0.9), (2.0, 0.5)]), (False, [(1.0, 0.9)])])
