@@ -4,7 +4,7 @@ DVC keeps artifacts consistent inside `dvc repro`; these records make that hold 
 and after a kill too. Each artifact names its inputs by digest:
 
   calibration/manifest.json  model fingerprint, tokens sha256
-  scores/scores.json         model fingerprint, calibration tokens sha256
+  scores/scores.json         model fingerprint, calibration tokens sha256 (drop checks it when they are present)
   drop/plan.json             model fingerprint, scores file sha256, plan_id (digest of the whole plan)
   pruned/config.json         dropquant.plan_id: the plan the checkpoint was cut by
   gguf/manifest.json         model fingerprint, plan_id, the GGUF's own sha256
@@ -91,6 +91,16 @@ def read_calibration(path: str | Path, identity: dict):
     check_same(str(path.parent / "manifest.json"), "tokens sha256", manifest.get("sha256"), tokens_digest(tokens),
                "the tokens were replaced after the manifest was written; re-run calibrate")
     return tokens, manifest
+
+
+def check_scores_calibration(scores: dict, calibration_dir: str | Path, origin: str) -> None:
+    """Scores must come from the calibration tokens beside them, when those are present (a calibrate run by hand
+    after score leaves them apart)."""
+    manifest = Path(calibration_dir) / "manifest.json"
+    if manifest.is_file():
+        recorded = (scores.get("calibration") or {}).get("sha256")
+        check_same(origin, "calibration sha256", recorded, read_json(manifest, "calibration manifest", "").get("sha256"),
+                   f"the scores were computed on other calibration tokens than {calibration_dir}; re-run the score stage")
 
 
 # --- drop plan and pruned checkpoint ----------------------------------------------------------------------

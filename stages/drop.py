@@ -8,13 +8,14 @@ from stages._cli import stage_main
 
 log = logging.getLogger("dropquant.drop")
 SCORES = Path("data/scores/scores.json")
+CALIBRATION = Path("data/calibration")
 PLAN_DIR = Path("data/drop")
 PRUNED = Path("data/pruned")
 EXPORT = Path("data/export")
 
 
 def run(params, args) -> None:
-    from dropquant.artifacts import PLAN_ID, file_sha256, plan_id, read_json
+    from dropquant.artifacts import PLAN_ID, check_scores_calibration, file_sha256, plan_id, read_json
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.models import load_config, load_model, load_tokenizer, model_identity, resolve_source
     from dropquant.pruning import checkpoint_tensor_bytes, dropped_parameters, prune_model, save_pruned, summary
@@ -29,6 +30,7 @@ def run(params, args) -> None:
     scores = read_json(args.scores, "scores", "run the score stage") if args.scores.is_file() else None
     if scores is not None:
         check_scores(scores, n_layers, identity["fingerprint"], origin=str(args.scores))
+        check_scores_calibration(scores, args.calibration, str(args.scores))
     plan = select(params, n_layers, scores)
     log.info("plan: %s", describe(plan))
     record = {**plan.to_json(identity), "scores_sha256": file_sha256(args.scores) if scores is not None else None}
@@ -78,6 +80,8 @@ def run(params, args) -> None:
 def main(argv=None) -> int:
     def add(p):
         p.add_argument("--scores", type=Path, default=SCORES, help=f"scores file (default {SCORES})")
+        p.add_argument("--calibration", type=Path, default=CALIBRATION,
+                       help=f"calibration folder the scores must come from, when present (default {CALIBRATION})")
         p.add_argument("--plan", type=Path, default=PLAN_DIR, help=f"plan directory (default {PLAN_DIR})")
         p.add_argument("--pruned", type=Path, default=PRUNED, help=f"pruned checkpoint directory (default {PRUNED})")
         p.add_argument("--export", type=Path, default=EXPORT,

@@ -78,6 +78,18 @@ def test_calibration_is_refused_for_another_model_or_replaced_tokens(tmp_path):
         read_calibration(tmp_path / "tokens.safetensors", me)
 
 
+def test_scores_must_come_from_the_calibration_beside_them(tmp_path):
+    from dropquant.artifacts import check_scores_calibration
+
+    scores = {"calibration": {"sha256": "a" * 64}}
+    check_scores_calibration(scores, tmp_path / "absent", "scores.json")  # no calibration here: nothing to compare
+    (tmp_path / "manifest.json").write_text(json.dumps({"sha256": "a" * 64}))
+    check_scores_calibration(scores, tmp_path, "scores.json")
+    (tmp_path / "manifest.json").write_text(json.dumps({"sha256": "b" * 64}))
+    with pytest.raises(DropquantError, match="other calibration tokens"):
+        check_scores_calibration(scores, tmp_path, "scores.json")
+
+
 def test_gguf_manifest_must_describe_the_file_beside_it(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"GGUF" + b"\0" * 60)
     (tmp_path / "manifest.json").write_text(json.dumps({"size_bytes": 64, "sha256": "a"}))
@@ -175,7 +187,8 @@ def tiny_source(tmp_path_factory, hf_tokenizer):
 def _drop_argv(ws: Path, source: Path, method: str) -> list[str]:
     (ws / "params.yaml").write_text(yaml.safe_dump({"model": {"source": str(source)},
                                                     "drop": {"method": method, "n": 1, "selection": "reverse"}}))
-    return ["--params", str(ws / "params.yaml"), "--scores", str(ws / "no-scores.json"), "--plan", str(ws / "drop"),
+    return ["--params", str(ws / "params.yaml"), "--scores", str(ws / "no-scores.json"),
+            "--calibration", str(ws / "calibration"), "--plan", str(ws / "drop"),
             "--pruned", str(ws / "pruned"), "--export", str(ws / "export")]
 
 

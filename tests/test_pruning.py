@@ -323,6 +323,7 @@ def test_embedded_model_attention_drop_reloads_exactly(embedded_model, tmp_path)
     (tmp_path / "scores.json").write_text(json.dumps(scores))
     (tmp_path / "params.yaml").write_text("model: {source: embedded}\ndrop: {method: attn, n: 8}\n")
     rc = main(["--params", str(tmp_path / "params.yaml"), f"--scores={tmp_path / 'scores.json'}",
+               f"--calibration={tmp_path / 'calibration'}",
                f"--plan={tmp_path / 'drop'}", f"--pruned={tmp_path / 'pruned'}", f"--export={tmp_path / 'export'}"])
     assert rc == 0
     plan_json = json.loads((tmp_path / "drop" / "plan.json").read_text())
