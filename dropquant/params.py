@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import DropquantError
 
@@ -77,10 +77,23 @@ class EvalParams(_Section):
     fewshot: Union[Literal["paper"], int] = 0
     data_dir: Optional[str] = "../shared/data"
     fidelity_tokens: int = Field(4096, ge=0)
+    kld: Literal["full", "top64-bound"] = "full"  # full-vocabulary KL (base run again), or the cheap lower bound
     speed: bool = True
-    threads: int = Field(2, ge=1)
+    threads: int = Field(2, ge=1)  # llama.cpp threads for accuracy and fidelity
     n_ctx: int = Field(2048, ge=256)  # llama.cpp context for the benchmark tasks (few-shot prompts must fit)
-    speed_rounds: int = Field(3, ge=1)  # interleaved A/B rounds of the speed measurement (median)
+    # Speed (dropquant/evaluation/speed.py): rounds of A/B measurement, added until the per-round ratios agree.
+    speed_rounds: int = Field(3, ge=1)  # rounds that must agree within speed_tolerance (and the fewest run)
+    speed_max_rounds: int = Field(6, ge=1)  # the cap; ratios still disagreeing there set speed_noisy
+    speed_tolerance: float = Field(0.1, gt=0)  # relative width (max - min) / median of the agreeing rounds
+    speed_threads: Optional[int] = Field(None, ge=1)  # null: one fewer than the CPUs available, at least 1
+    speed_tg_tokens: int = Field(16, ge=1)  # tokens per generation repetition
+
+    @model_validator(mode="after")
+    def _speed_rounds_within_cap(self):
+        if self.speed_max_rounds < self.speed_rounds:
+            raise ValueError(f"speed_max_rounds ({self.speed_max_rounds}) must be >= speed_rounds "
+                             f"({self.speed_rounds})")
+        return self
 
     @field_validator("fewshot")
     @classmethod

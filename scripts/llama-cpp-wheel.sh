@@ -13,16 +13,10 @@
 # usage: scripts/llama-cpp-wheel.sh PYTHON [--print-dir]
 set -euo pipefail
 PY=${1:?usage: llama-cpp-wheel.sh PYTHON [--print-dir]}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-VERSION=$(sed -n 's/^llama[-_]cpp[-_]python==//Ip' "$ROOT/constraints.txt")
-[ -n "$VERSION" ] || { echo "llama-cpp-wheel.sh: no llama-cpp-python pin in constraints.txt" >&2; exit 2; }
-CMAKE_FLAGS="-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__ ${DROPQUANT_LLAMA_CMAKE_ARGS:-}"
-CPU=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | tr ' ' '\n' | sort | tr '\n' ' ' || uname -m)
-CC_VERSION=$( (cc --version 2>/dev/null || echo none) | head -1)
-KEY=$(printf '%s\n' "$VERSION" "$CMAKE_FLAGS" "$CPU" "$CC_VERSION" "$("$PY" -c 'import sys; print(sys.version)')" \
-      | sha256sum | cut -c1-16)
-CACHE=${DROPQUANT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dropquant/llama-cpp-python}
-DIR="$CACHE/$VERSION-$KEY"
+source "$(dirname "$0")/llama-cpp-common.sh"
+CMAKE_FLAGS="-DCMAKE_C_FLAGS=$AMX_FLAGS -DCMAKE_CXX_FLAGS=$AMX_FLAGS ${DROPQUANT_LLAMA_CMAKE_ARGS:-}"
+CACHE=${DROPQUANT_WHEEL_CACHE:-$CACHE_ROOT/llama-cpp-python}
+DIR="$CACHE/$VERSION-$(build_key "$CMAKE_FLAGS" "$("$PY" -c 'import sys; print(sys.version)')")"
 if [ "${2:-}" = "--print-dir" ]; then echo "$DIR"; exit 0; fi
 WHEEL=$(ls "$DIR"/llama_cpp_python-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$WHEEL" ]; then

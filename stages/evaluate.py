@@ -104,8 +104,10 @@ def run_variant(params, args) -> None:
 
     data_dir = _data_dir(params)
     accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
-    fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads) if e.fidelity_tokens else None
-    speed = ab_compare(variant, base, rounds=e.speed_rounds, threads=e.threads) if e.speed else None
+    fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads, base_path=base,
+                       kld=e.kld) if e.fidelity_tokens else None
+    speed = ab_compare(variant, base, rounds=e.speed_rounds, max_rounds=e.speed_max_rounds, tolerance=e.speed_tolerance,
+                       threads=e.speed_threads, tg_tokens=e.speed_tg_tokens) if e.speed else None
 
     metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
                             accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,

@@ -217,7 +217,7 @@ def test_fidelity_identical_files(embedded, tmp_path):
     ref.save(tmp_path / "ref.npz")
     ref = Reference.load(tmp_path / "ref.npz")
     assert ref.chunks.shape == (2, 512) and ref.top_ids.shape == (2 * 255, 64)
-    out = compare(embedded, ref, threads=1)
+    out = compare(embedded, ref, threads=1, base_path=embedded)
     assert abs(out["kld"]) < 1e-6 and out["top1_agree"] == 1.0
     assert out["ppl"] == pytest.approx(out["base_ppl"], rel=1e-6) and 1 < out["ppl"] < 1000
 
@@ -259,17 +259,15 @@ def test_every_metric_key_present():
 
     acc = {"tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.4}, "boolq": {"acc": 0.6, "acc_norm": None}}}
     base = {"tasks": {"arc_easy": {"acc": 0.6, "acc_norm": 0.5}, "boolq": {"acc": 0.7, "acc_norm": None}}}
-    speed = {m: {"pp512": 100.0, "pp2048": 90.0, "tg0": 50.0, "tg2048": 40.0, "kv_cache_bytes": 2**20 * 45,
-                 "peak_rss_bytes": 10**8} for m in ("variant", "base")}
-    speed["speedup"] = {"pp512": 1.1, "pp2048": 1.2, "tg0": 1.0, "tg2048": 1.3}
+    # The speed keys with a measurement: tests/test_speed.py.
     m = build_metrics(method="attn", n=8, quant_type="Q4_K_M", tasks=["arc_easy", "boolq", "piqa"], accuracy=acc,
                       base_accuracy=base, fidelity={"ppl": 20.0, "base_ppl": 18.0, "kld": 0.1, "top1_agree": 0.9},
-                      speed=speed, variant_bytes=50_000_000)
+                      speed=None, variant_bytes=50_000_000)
     assert all(k in m for k in REQUIRED_KEYS)
     assert set(m["tasks"]) == {"arc_easy", "boolq", "piqa"}
     assert all({"acc", "acc_norm"} <= set(t) for t in m["tasks"].values())
     assert m["avg"] == pytest.approx((0.4 + 0.6) / 2) and m["base_avg"] == pytest.approx((0.5 + 0.7) / 2)
-    assert m["speedup_pp"] == 1.2 and m["speedup_tg"] == 1.3 and m["kv_cache_mib"] == 45.0
+    assert m["speedup_pp"] is None and m["speed_noisy"] is None and m["kv_cache_mib"] is None
     assert m["skipped_tasks"] == ["piqa"] and m["size_mb"] == 50.0
 
 

@@ -1,18 +1,24 @@
 """Fidelity of a variant to the base model on held-out text: perplexity, KL divergence and top-1 agreement.
 
-Definitions follow llama.cpp's perplexity tool (`--kl-divergence`): the text is cut into chunks of n_ctx
-tokens, each chunk starts with BOS, and only the second half of each chunk is scored (every scored token
-then has at least n_ctx/2 tokens of context). At each scored position:
+Definitions and conventions are llama.cpp's perplexity tool's (`llama-perplexity --kl-divergence`): the text is
+tokenized as it does (BOS first when the vocabulary asks for one), cut into chunks of n_ctx tokens whose first
+token is replaced by BOS, and only the second half of each chunk is scored (positions n_ctx/2 .. n_ctx-2, each
+predicting the next token, so every scored token has at least n_ctx/2 tokens of context). At each scored position:
   - perplexity = exp(mean negative log-likelihood of the actual next token),
-  - KLD = sum_v P_base(v) (log P_base(v) - log P_variant(v)), averaged over positions,
-  - top-1 agreement = fraction of positions where both models' most likely token is the same.
+  - KLD = sum over the whole vocabulary of P_base(v) (log P_base(v) - log P_variant(v)); the mean over positions
+    is `kld`, and llama.cpp's percentiles of the per-position values are reported too,
+  - top-1 agreement (llama.cpp's "Same top p") = fraction of positions where both models' most likely token is
+    the same; RMS dp = root mean square of P_variant(next token) - P_base(next token).
 
-The base's distributions are computed once (baseline_eval stage) and stored compactly: storing them whole
-would take vocab x positions floats (49152 x 4080 x 4 B = 800 MB for 8192 tokens). We keep, per position,
-the base's top-k log-probs and their token ids (k=64 by default: 2 MB). KL is computed over the k tokens
-plus one bucket for all other tokens; merging outcomes can only lower a KL divergence, so this is a lower
-bound that is exact when the tail is empty, and 0 exactly for identical models. The bound's gap is measured
-in tests/test_evaluation.py and docs/evaluate.md.
+The full KL needs the base's whole distribution at every scored position (vocab x positions floats: 800 MB for
+4096 tokens of a 49152-token vocabulary), which llama.cpp writes to a file. Here the variant stage runs the base
+and the variant chunk by chunk in one pass instead (`compare(..., base_path=...)`), so only one chunk's
+distributions are ever in memory, processed in blocks of rows.
+
+The baseline_eval stage also stores a compact reference: the tokens, the base's NLL and argmax, and its top-64
+log-probs per position (~1 MB). From it alone, `kld="top64-bound"` computes a cheaper KL over those 64 tokens
+plus one bucket for all others, without running the base again. Merging outcomes can only lower a KL divergence,
+so that is a lower bound (`kld_top64_bound`; 12-15% low on the embedded model's drops), never reported as `kld`.
 """
 from __future__ import annotations
 
@@ -32,6 +38,11 @@ log = logging.getLogger(__name__)
 
 FIDELITY_CTX = 512  # llama.cpp perplexity's default
 TOP_K = 64
+KLD_MODES = ("full", "top64-bound")
+ROW_BLOCK = 64  # rows of logits turned into float64 distributions at a time: bounds memory for large vocabularies
+# llama-perplexity's "KL divergence statistics" (percent of positions below): name -> percentile
+KLD_PERCENTILES = {"max": 100.0, "p99.9": 99.9, "p99": 99.0, "p95": 95.0, "p90": 90.0, "median": 50.0,
+                   "p10": 10.0, "p5": 5.0, "p1": 1.0, "p0.1": 0.1, "min": 0.0}
 
 
 def heldout_text(data_dir: Optional[Path]) -> tuple[str, str]:
@@ -72,7 +83,17 @@ def _offline_text() -> str:
     return "\n\n".join(parts)
 
 
+def tokenize(llama, text: str) -> tuple[list[int], int]:
+    """The text's tokens and the BOS id to start each chunk with (-1: none), as llama-perplexity tokenizes:
+    `common_tokenize(ctx, text, add_special=true, parse_special=false)`, so BOS leads the text when the
+    vocabulary's add_bos flag is set, and a chunk's first token becomes BOS only then."""
+    tokens = llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    add_bos = bool(llama._model.add_bos_token())
+    return tokens, (llama.token_bos() if add_bos else -1)
+
+
 def chunks(tokens: list[int], n_tokens: int, bos: int, n_ctx: int = FIDELITY_CTX) -> list[list[int]]:
+    """The first n_tokens // n_ctx chunks of n_ctx tokens (llama-perplexity --chunks), each starting with BOS."""
     n_chunks = min(len(tokens), n_tokens) // n_ctx
     if n_chunks == 0:
         raise DropquantError(f"eval.fidelity_tokens={n_tokens}: need at least {n_ctx} tokens of held-out text "
@@ -98,11 +119,17 @@ def _log_softmax(rows: np.ndarray) -> np.ndarray:
     return rows - (m + np.log(np.exp(rows - m).sum(axis=-1, keepdims=True)))
 
 
-def _chunk_logprobs(llama, chunk: list[int]) -> np.ndarray:
+def _chunk_logits(llama, chunk: list[int]) -> np.ndarray:
+    """Raw logits (float32) at the chunk's scored positions, evaluated from an empty cache."""
     llama.reset()
     llama.eval(chunk)
     first, last, _ = _scored(chunk)
-    return _log_softmax(llama.scores[first:last])
+    return np.array(llama.scores[first:last], dtype=np.float32)
+
+
+def _blocks(n: int):
+    for s in range(0, n, ROW_BLOCK):
+        yield slice(s, min(s + ROW_BLOCK, n))
 
 
 @dataclass
@@ -137,26 +164,35 @@ class Reference:
 def build_reference(base_path: str | Path, text: str, n_tokens: int, threads: int = 2, *, source: str = "",
                     top_k: int = TOP_K, n_ctx: int = FIDELITY_CTX) -> Reference:
     llama = open_llama(base_path, n_ctx, threads)
-    tokens = llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    cs = chunks(tokens, n_tokens, llama.token_bos(), n_ctx)
+    tokens, bos = tokenize(llama, text)
+    cs = chunks(tokens, n_tokens, bos, n_ctx)
     nll, ids, logps, top1 = [], [], [], []
     for c in tqdm(cs, desc="fidelity: base"):
-        lp = _chunk_logprobs(llama, c)
+        logits = _chunk_logits(llama, c)
         _, _, target = _scored(c)
-        nll.append(-lp[np.arange(len(target)), target])
-        top1.append(lp.argmax(axis=-1))
-        top = np.argpartition(-lp, top_k - 1, axis=-1)[:, :top_k]
-        top_lp = np.take_along_axis(lp, top, axis=-1)
-        order = np.argsort(-top_lp, axis=-1, kind="stable")
-        ids.append(np.take_along_axis(top, order, axis=-1))
-        logps.append(np.take_along_axis(top_lp, order, axis=-1))
+        top1.append(logits.argmax(axis=-1))
+        for sl in _blocks(len(target)):
+            lp = _log_softmax(logits[sl])
+            nll.append(-lp[np.arange(len(lp)), target[sl]])
+            top = np.argpartition(-lp, top_k - 1, axis=-1)[:, :top_k]
+            top_lp = np.take_along_axis(lp, top, axis=-1)
+            order = np.argsort(-top_lp, axis=-1, kind="stable")
+            ids.append(np.take_along_axis(top, order, axis=-1))
+            logps.append(np.take_along_axis(top_lp, order, axis=-1))
     return Reference(np.asarray(cs, dtype=np.int32), np.concatenate(nll).astype(np.float32),
                      np.concatenate(ids).astype(np.int32), np.concatenate(logps).astype(np.float32),
                      np.concatenate(top1).astype(np.int32), source)
 
 
+def full_kl(base_logp: np.ndarray, var_logp: np.ndarray) -> np.ndarray:
+    """Per-position KL(base || variant) over the whole vocabulary, from log-probabilities [positions, vocab]."""
+    base_logp, var_logp = np.asarray(base_logp, np.float64), np.asarray(var_logp, np.float64)
+    return (np.exp(base_logp) * (base_logp - var_logp)).sum(axis=-1)
+
+
 def bucketed_kl(top_logp: np.ndarray, top_ids: np.ndarray, var_logp: np.ndarray) -> np.ndarray:
-    """Per-position KL(base || variant) over the base's top-k tokens plus one 'all other tokens' bucket."""
+    """Per-position KL(base || variant) over the base's top-k tokens plus one 'all other tokens' bucket: a lower
+    bound of the full KL (merging outcomes never increases a KL divergence)."""
     pb_log = top_logp.astype(np.float64)
     pv_log = np.take_along_axis(var_logp, top_ids.astype(np.int64), axis=-1)
     pb = np.exp(pb_log)
@@ -167,29 +203,89 @@ def bucketed_kl(top_logp: np.ndarray, top_ids: np.ndarray, var_logp: np.ndarray)
     return kl + tail
 
 
-def compare(variant_path: str | Path, ref: Reference, threads: int = 2) -> dict:
-    """Perplexity of the variant, KL divergence from the base and top-1 agreement, on the reference's tokens."""
-    n_ctx = ref.chunks.shape[1]
-    llama = open_llama(variant_path, n_ctx, threads)
-    if llama.n_vocab() <= int(ref.top_ids.max()):
-        raise DropquantError(f"{variant_path}: vocabulary of {llama.n_vocab()} tokens does not match the base model's")
-    nll, kl, agree = [], [], []
-    pos = 0
-    for c in tqdm(ref.chunks.tolist(), desc="fidelity: variant"):
-        lp = _chunk_logprobs(llama, c)
-        _, _, target = _scored(c)
-        sl = slice(pos, pos + len(target))
-        pos += len(target)
-        nll.append(-lp[np.arange(len(target)), target])
-        kl.append(bucketed_kl(ref.top_logp[sl], ref.top_ids[sl], lp))
-        agree.append(lp.argmax(axis=-1) == ref.top1[sl])
-    nll, kl, agree = np.concatenate(nll), np.concatenate(kl), np.concatenate(agree)
+def kld_stats(kl: np.ndarray) -> dict:
+    """llama-perplexity's KL divergence statistics: mean, its standard error, and percentiles (linear
+    interpolation between sorted values, as llama.cpp's `percentile`; the median averages the middle two)."""
+    kl = np.asarray(kl, np.float64)
+    n = len(kl)
+    stats = {"mean": float(kl.mean()),
+             "stderr": float(np.sqrt(max(kl.var(), 0.0) / (n - 1))) if n > 10 else 0.0}
+    stats.update({name: float(np.percentile(kl, q)) for name, q in KLD_PERCENTILES.items()})
+    return stats
+
+
+def summarize(*, nll: np.ndarray, base_nll: np.ndarray, agree: np.ndarray, kl: Optional[np.ndarray],
+              kl_bound: np.ndarray, mode: str, n_ctx: int, source: str) -> dict:
+    """The fidelity figures from per-position values (float64 means, as llama.cpp's sums)."""
+    nll, base_nll = np.asarray(nll, np.float64), np.asarray(base_nll, np.float64)
+    dp = np.exp(-nll) - np.exp(-base_nll)  # llama.cpp's Δp: P_variant(next token) - P_base(next token)
+    full = kld_stats(kl) if kl is not None else None
     return {
         "ppl": float(np.exp(nll.mean())),
-        "base_ppl": ref.ppl,
-        "kld": float(kl.mean()),
-        "kld_p99": float(np.percentile(kl, 99)),
-        "top1_agree": float(agree.mean()),
+        "base_ppl": float(np.exp(base_nll.mean())),
+        "ln_ppl_ratio": float(nll.mean() - base_nll.mean()),
+        "kld": full["mean"] if full else None,
+        "kld_mode": mode,
+        "kld_median": full["median"] if full else None,
+        "kld_p99": full["p99"] if full else None,
+        "kld_stats": full,
+        "kld_top64_bound": float(np.mean(kl_bound)),
+        "top1_agree": float(np.mean(agree)),
+        "same_top_p": float(np.mean(agree)),  # llama.cpp's name for the same figure
+        "mean_dp": float(dp.mean()),
+        "rms_dp": float(np.sqrt((dp * dp).mean())),
         "fidelity_tokens": int(len(nll)),
-        "fidelity_text": ref.source,
+        "fidelity_ctx": int(n_ctx),
+        "fidelity_text": source,
     }
+
+
+def compare(variant_path: str | Path, ref: Reference, threads: int = 2, *, base_path: str | Path | None = None,
+            kld: str = "full") -> dict:
+    """Perplexity of the variant, KL divergence from the base and top-1 agreement, on the reference's tokens.
+
+    kld="full": the base GGUF (`base_path`, the file the reference was made from) and the variant are evaluated
+    chunk by chunk in one pass and the KL is taken over the whole vocabulary (llama-perplexity --kl-divergence).
+    kld="top64-bound": the base is not run; only the reference's top-64 bound is computed (`kld` is null)."""
+    if kld not in KLD_MODES:
+        raise DropquantError(f"eval.kld={kld!r}: expected one of {', '.join(KLD_MODES)}")
+    if kld == "full" and base_path is None:
+        raise DropquantError("the full KL divergence needs the base GGUF (base_path)")
+    n_ctx = ref.chunks.shape[1]
+    llama = open_llama(variant_path, n_ctx, threads)
+    base = open_llama(base_path, n_ctx, threads) if kld == "full" else None
+    n_vocab = llama.n_vocab()
+    if n_vocab <= int(ref.top_ids.max()) or (base is not None and base.n_vocab() != n_vocab):
+        raise DropquantError(f"{variant_path}: vocabulary of {n_vocab} tokens does not match the base model's")
+    nll, base_nll, kl, kl_bound, agree = [], [], [], [], []
+    pos = 0
+    for c in tqdm(ref.chunks.tolist(), desc="fidelity: base + variant" if base is not None else "fidelity: variant"):
+        _, _, target = _scored(c)
+        v_logits = _chunk_logits(llama, c)
+        b_logits = _chunk_logits(base, c) if base is not None else None
+        ref_sl = slice(pos, pos + len(target))
+        pos += len(target)
+        top1_b = b_logits.argmax(axis=-1) if base is not None else ref.top1[ref_sl]
+        agree.append(v_logits.argmax(axis=-1) == top1_b)
+        for sl in _blocks(len(target)):
+            rows = np.arange(sl.stop - sl.start)
+            lv = _log_softmax(v_logits[sl])
+            nll.append(-lv[rows, target[sl]])
+            r = slice(ref_sl.start + sl.start, ref_sl.start + sl.stop)
+            kl_bound.append(bucketed_kl(ref.top_logp[r], ref.top_ids[r], lv))
+            if base is not None:
+                lb = _log_softmax(b_logits[sl])
+                base_nll.append(-lb[rows, target[sl]])
+                kl.append(full_kl(lb, lv))
+    nll = np.concatenate(nll)
+    if base is not None:
+        base_nll = np.concatenate(base_nll)
+        drift = float(np.abs(base_nll - ref.nll).max())
+        if drift > 1e-2:
+            log.warning("fidelity: the base GGUF's log-likelihoods differ from the reference's by up to %.3g nats: "
+                        "was the reference made from another file?", drift)
+    else:
+        base_nll = ref.nll
+    return summarize(nll=nll, base_nll=base_nll, agree=np.concatenate(agree),
+                     kl=np.concatenate(kl) if kl else None, kl_bound=np.concatenate(kl_bound), mode=kld,
+                     n_ctx=n_ctx, source=ref.source)

@@ -4,12 +4,54 @@ from __future__ import annotations
 from typing import Optional
 
 from .accuracy import average
+from .speed import SETTINGS, TESTS
 
 MIB = 2**20
 
 
 def _r(x, nd=4):
     return None if x is None else round(float(x), nd)
+
+
+# metrics key stem -> speed test: the headline pair, then the short-prompt / empty-context pair.
+SPEEDUP_KEYS = {"pp": "pp2048", "tg": "tg2048", "pp512": "pp512", "tg0": "tg0"}
+PER_SETTING = ("pp", "tg")  # the speed-ups whose per-setting ratios are metrics too (all are in details.json)
+
+
+def _mib(b):
+    return _r(None if b is None else b / MIB, 2)
+
+
+def speed_metrics(speed: Optional[dict]) -> dict:
+    """Speed keys: tok/s and speed-ups of each model in its faster flash-attention setting (the headline), each
+    setting's own speed-ups, every speed-up's spread over rounds, `speed_noisy`, and memory (null when unmeasured)."""
+    s = speed or {}
+    fast, best, up, mem = (s.get(k, {}) for k in ("fastest", "best_setting", "speedup", "memory"))
+
+    def tok_s(test):
+        return _r(fast["variant"][best["variant"][test]][test], 1) if fast else None
+
+    def fa_on_is_best(who, test):  # true: the model was faster with flash attention on
+        return best[who][test] == "fa_on" if best else None
+
+    out = {f"{t}_tok_s": tok_s(t) for t in TESTS}
+    for stem, test in SPEEDUP_KEYS.items():
+        for name in ("best",) + (SETTINGS if stem in PER_SETTING else ()):
+            r = up.get(test, {}).get(name, {})
+            key = f"speedup_{stem}" + ("" if name == "best" else f"_{name}")
+            out[key], out[f"{key}_spread"] = _r(r.get("value"), 3), _r(r.get("spread"), 3)
+    for stem in PER_SETTING:
+        out[f"flash_attn_{stem}"] = fa_on_is_best("variant", SPEEDUP_KEYS[stem])
+        out[f"base_flash_attn_{stem}"] = fa_on_is_best("base", SPEEDUP_KEYS[stem])
+    out.update(speed_noisy=s.get("noisy"), speed_rounds=s.get("rounds"), speed_threads=s.get("threads"),
+               speed_cpu_share=_r(s.get("cpu_share"), 3))
+    for prefix, who in (("", "variant"), ("base_", "base")):
+        m = mem.get(who, {})
+        out[f"{prefix}kv_cache_mib"] = _mib(m.get("fa_on", {}).get("kv_cache_bytes"))
+        out[f"{prefix}kv_cache_mib_fa_off"] = _mib(m.get("fa_off", {}).get("kv_cache_bytes"))
+        rss = m.get("fa_on", {}).get("peak_rss_bytes")
+        out[f"{prefix}peak_rss_mb"] = _r(None if rss is None else rss / 1e6, 1)
+    return out
 
 
 def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], accuracy: dict, base_accuracy: dict,
@@ -25,28 +67,20 @@ def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], acc
     avg = average({t: accuracy["tasks"][t] for t in common})
     base_avg = average({t: base_accuracy["tasks"][t] for t in common})
     f = fidelity or {}
-    s = speed or {}
-    var, base, up = s.get("variant", {}), s.get("base", {}), s.get("speedup", {})
-    kv = var.get("kv_cache_bytes")
-    base_kv = base.get("kv_cache_bytes")
     return {
         "method": method, "n": n, "quant_type": quant_type,
         "size_mb": _r(variant_bytes / 1e6, 2),
         "ppl": _r(f.get("ppl")), "base_ppl": _r(f.get("base_ppl")),
-        "kld": _r(f.get("kld"), 6), "top1_agree": _r(f.get("top1_agree")),
+        "kld": _r(f.get("kld"), 6), "kld_median": _r(f.get("kld_median"), 6), "kld_p99": _r(f.get("kld_p99"), 6),
+        "kld_top64_bound": _r(f.get("kld_top64_bound"), 6), "top1_agree": _r(f.get("top1_agree")),
+        "rms_dp": _r(f.get("rms_dp")),
         "tasks": per_task,
         "avg": _r(avg), "base_avg": _r(base_avg), "avg_delta": _r(None if avg is None or base_avg is None else avg - base_avg),
-        "pp512_tok_s": _r(var.get("pp512"), 1), "pp2048_tok_s": _r(var.get("pp2048"), 1),
-        "tg0_tok_s": _r(var.get("tg0"), 1), "tg2048_tok_s": _r(var.get("tg2048"), 1),
-        "speedup_pp": _r(up.get("pp2048"), 3), "speedup_tg": _r(up.get("tg2048"), 3),
-        "speedup_pp512": _r(up.get("pp512"), 3), "speedup_tg0": _r(up.get("tg0"), 3),
-        "kv_cache_mib": _r(None if kv is None else kv / MIB, 2),
-        "base_kv_cache_mib": _r(None if base_kv is None else base_kv / MIB, 2),
-        "peak_rss_mb": _r(None if not var else var["peak_rss_bytes"] / 1e6, 1),
-        "base_peak_rss_mb": _r(None if not base else base["peak_rss_bytes"] / 1e6, 1),
+        **speed_metrics(speed),
         "skipped_tasks": sorted(set(tasks) - set(common)),
     }
 
 
 REQUIRED_KEYS = ("method", "n", "quant_type", "size_mb", "ppl", "kld", "top1_agree", "tasks", "avg",
-                 "pp512_tok_s", "pp2048_tok_s", "tg0_tok_s", "tg2048_tok_s", "speedup_pp", "speedup_tg", "kv_cache_mib")
+                 "pp512_tok_s", "pp2048_tok_s", "tg0_tok_s", "tg2048_tok_s", "speedup_pp", "speedup_tg",
+                 "speedup_pp_spread", "speedup_tg_spread", "speed_noisy", "kv_cache_mib")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ..atomic import atomic_path, write_text
 from .accuracy import paper_score
+from .speed import TESTS as SPEED_TESTS
 
 VEGA_DIR = Path(__file__).parent / "vega"
-SPEED_TESTS = ("pp512", "pp2048", "tg0", "tg2048")
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -30,8 +30,15 @@ def accuracy_rows(accuracy: dict, base_accuracy: dict) -> list[list]:
 
 
 def speed_rows(speed: dict) -> list[list]:
-    return [[t, round(speed["variant"][t], 1), round(speed["base"][t], 1), round(speed["speedup"][t], 3)]
-            for t in SPEED_TESTS]
+    """Per test: each model in its faster flash-attention setting, then both in each setting."""
+    rows = []
+    for test in SPEED_TESTS:
+        for name, r in speed["speedup"][test].items():
+            v_fa, b_fa = r["variant_setting"], r["base_setting"]
+            label = f"{test} best ({v_fa[3:]}/{b_fa[3:]})" if name == "best" else f"{test} {name}"
+            rows.append([label, round(speed["fastest"]["variant"][v_fa][test], 1),
+                         round(speed["fastest"]["base"][b_fa][test], 1), round(r["value"], 3), round(r["spread"], 3)])
+    return rows
 
 
 def _bar_png(path: Path, labels, variant, base, title: str, xlabel: str) -> None:
@@ -61,10 +68,11 @@ def write_plots(out_dir: Path, accuracy: dict, base_accuracy: dict, speed: dict 
     _bar_png(out_dir / "accuracy.png", [r[0] for r in acc], [r[1] for r in acc], [r[2] for r in acc],
              f"Accuracy ({label}; acc_norm where defined)", "accuracy")
     rows = speed_rows(speed) if speed else []
-    _write_csv(out_dir / "speed.csv", ["test", "variant", "base", "speedup"], rows)
+    _write_csv(out_dir / "speed.csv", ["test", "variant", "base", "speedup", "spread"], rows)
     # Always written (a declared DVC output): empty bars when eval.speed is off.
-    _bar_png(out_dir / "speed.png", [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-             f"llama.cpp speed ({label}; median of A/B rounds)" if rows else "speed not measured (eval.speed: false)",
+    title = (f"llama.cpp speed ({label}; fastest of {speed['rounds']} A/B rounds{', NOISY' if speed['noisy'] else ''})"
+             if rows else "speed not measured (eval.speed: false)")
+    _bar_png(out_dir / "speed.png", [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], title,
              "tokens/s")
 
 
