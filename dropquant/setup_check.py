@@ -78,7 +78,7 @@ def probe(model_path: str, timeout: int = 300) -> dict:
         raise RuntimeError(
             f"llama.cpp (llama-cpp-python) set-up check: {problem}.\n"
             f"  build features: {' '.join(build_features(info)) or info}\n"
-            + (f"  last output:\n    " + tail.replace("\n", "\n    ") + "\n" if tail else "")
+            + ("  last output:\n    " + tail.replace("\n", "\n    ") + "\n" if tail else "")
             + f"  what to try: {REBUILD_HINT}.")
     return {"system_info": info, "features": build_features(info), **result}
 

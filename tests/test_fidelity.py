@@ -117,19 +117,36 @@ def test_kl_of_a_model_with_itself_is_zero(pair, ref):
     assert out["ppl"] == out["base_ppl"] == pytest.approx(ref.ppl, rel=1e-5)
 
 
+def _log_softmax_pair(rows: int, vocab: int):
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(rows, vocab)) * 3
+    b = a + rng.normal(size=(rows, vocab))
+    return tuple(x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (a, b))
+
+
 def test_full_kl_and_bound_on_distributions():
     from dropquant.evaluation.fidelity import bucketed_kl, full_kl
 
-    rng = np.random.default_rng(1)
-    a = rng.normal(size=(6, 400)) * 3
-    b = a + rng.normal(size=(6, 400))
-    la = a - np.log(np.exp(a).sum(-1, keepdims=True))
-    lb = b - np.log(np.exp(b).sum(-1, keepdims=True))
+    la, lb = _log_softmax_pair(6, 400)
     ref = np.array([sum(np.exp(la[i, v]) * (la[i, v] - lb[i, v]) for v in range(400)) for i in range(6)])
     np.testing.assert_allclose(full_kl(la, lb), ref, rtol=1e-10)
     assert np.all(full_kl(la, la) == 0.0)
     k = np.argsort(-la, axis=-1)[:, :20]
     assert np.all(bucketed_kl(np.take_along_axis(la, k, -1), k, lb) <= full_kl(la, lb) + 1e-12)
+
+
+def test_bucketed_kl_is_exact_with_full_vocab_and_a_lower_bound_otherwise():
+    from dropquant.evaluation.fidelity import bucketed_kl
+
+    la, lb = _log_softmax_pair(5, 300)
+    full = (np.exp(la) * (la - lb)).sum(-1)
+    order = np.argsort(-la, axis=-1)
+    exact = bucketed_kl(np.take_along_axis(la, order, -1), order, lb)
+    np.testing.assert_allclose(exact, full, rtol=1e-9, atol=1e-12)
+    k = order[:, :20]
+    approx = bucketed_kl(np.take_along_axis(la, k, -1), k, lb)
+    assert np.all(approx <= full + 1e-12) and np.all(approx > 0.3 * full)
+    assert np.allclose(bucketed_kl(np.take_along_axis(la, k, -1), k, la), 0.0, atol=1e-12)
 
 
 def _llama_percentile(values, fraction):
