@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -53,6 +54,9 @@ def _grid_parameters(args) -> dict:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    # Offline by default outside `make` too (before Prefect is imported): its temporary server would send telemetry.
+    for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1")):
+        os.environ.setdefault(key, value)
     # Prefect prints flow and task logs itself; this is for the serve helper's own messages.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
