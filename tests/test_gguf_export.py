@@ -110,12 +110,27 @@ def test_plan_blocks_layouts():
     assert [b.attn for b in plan_blocks(3, [0, 1, 2], [1])[1]] == ["zero_kv", "drop"]
 
 
+def check_q8_0_runs(path, tmp_path, ref, ids):
+    """The F32 file quantized to Q8_0 stays close to the torch logits and generates in llama.cpp."""
+    import llama_cpp
+
+    q8 = tmp_path / "model.Q8_0.gguf"
+    quantize_gguf(path, q8, "Q8_0")
+    kl = kl_divergence(ref, llama_logits(q8, ids))
+    assert kl < Q8_KL_BOUND_TINY, f"Q8_0 KL divergence {kl:.2e}"
+    llm = llama_cpp.Llama(str(q8), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        out = llm.create_completion("Once upon a time", max_tokens=6, temperature=0.0)
+        assert out["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()
+
+
 # --- exact parity on a tiny random Llama -----------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(TINY_PLANS))
 def test_tiny_f32_parity_q8_and_generation(name, tmp_path, tokenizer_gguf):
     import gguf
-    import llama_cpp
 
     base = tiny_llama()
     p = TINY_PLANS[name]
@@ -144,17 +159,7 @@ def test_tiny_f32_parity_q8_and_generation(name, tmp_path, tokenizer_gguf):
         assert all(f > 0 for h, f in zip(hc, ff) if h > 0)
         assert hc[0] > 0
 
-    q8 = tmp_path / "model.Q8_0.gguf"
-    quantize_gguf(path, q8, "Q8_0")
-    kl = kl_divergence(ref, llama_logits(q8, ids))
-    assert kl < Q8_KL_BOUND_TINY, f"Q8_0 KL divergence {kl:.2e}"
-
-    llm = llama_cpp.Llama(str(q8), n_ctx=128, n_threads=2, verbose=False)
-    try:
-        out = llm.create_completion("Once upon a time", max_tokens=6, temperature=0.0)
-        assert out["usage"]["completion_tokens"] >= 1
-    finally:
-        llm.close()
+    check_q8_0_runs(path, tmp_path, ref, ids)
 
 
 @pytest.mark.parametrize("drops", [{}, {"attn": [0, 2], "mlp": [4]}])
@@ -190,8 +195,6 @@ def test_tied_embeddings_and_hf_checkpoint_dir(tmp_path, tokenizer_gguf, hf_toke
 def test_every_attention_dropped_parity_and_context(tmp_path, tokenizer_gguf):
     """Regression: with no attention at all, llama.cpp could not create a context ("failed to allocate buffer
     for kv cache"). The first block now carries one zero attention with one KV head: exact, and a tiny cache."""
-    import llama_cpp
-
     pruned = prune_model(tiny_llama(), plan(attn=range(L), mlp=[2]))
     ids = [int(i) for i in torch.randint(3, VOCAB, (48,), generator=torch.Generator().manual_seed(7))]
     ref = torch_logits(pruned, ids)
@@ -204,15 +207,7 @@ def test_every_attention_dropped_parity_and_context(tmp_path, tokenizer_gguf):
     # One KV head of 16 dims in F16, K and V, 4096 cells: 0.25 MiB.
     assert kv_cache_mib(path, n_ctx=4096, flash_attn=True) == pytest.approx(0.25, abs=0.01)
 
-    q8 = tmp_path / "model.Q8_0.gguf"
-    quantize_gguf(path, q8, "Q8_0")
-    assert kl_divergence(ref, llama_logits(q8, ids)) < Q8_KL_BOUND_TINY
-    llm = llama_cpp.Llama(str(q8), n_ctx=128, n_threads=2, verbose=False)
-    try:
-        out = llm.create_completion("Once upon a time", max_tokens=6, temperature=0.0)
-        assert out["usage"]["completion_tokens"] >= 1
-    finally:
-        llm.close()
+    check_q8_0_runs(path, tmp_path, ref, ids)
 
 
 def test_mlp_drop_written_with_ffn_length_zero_is_wrong(tmp_path, tokenizer_gguf):
