@@ -106,14 +106,16 @@ def generate_tokens(model, tokenizer, n_samples: int, seq_len: int, seed: int, p
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     ids = torch.full((n_samples, 1), start, dtype=torch.int64)
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids.to(device), use_cache=True)
     cache, tokens = out.cache, [ids]
     for _ in tqdm(range(seq_len - 1), desc="sampling calibration text", disable=not progress, unit="tok"):
-        probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
+        # Sampled on the CPU with a CPU generator, so the tokens do not depend on the device.
+        probs = torch.softmax(out.logits[:, -1].float().cpu(), dim=-1)
         nxt = torch.multinomial(probs, 1, generator=gen)
         tokens.append(nxt)
-        out = model(input_ids=nxt, cache=cache, use_cache=True)
+        out = model(input_ids=nxt.to(device), cache=cache, use_cache=True)
         cache = out.cache
     return torch.cat(tokens, dim=1)
 

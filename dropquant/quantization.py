@@ -126,47 +126,65 @@ def module_gguf_names(tensor_names: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def collect_imatrix(model, input_ids, modules: Mapping[str, str], batch_size: int = 1,
-                    progress: bool = False) -> dict[str, ImatrixStat]:
-    """Run `input_ids` [n, seq] through `model` and accumulate x^2 per input column of each named Linear.
+class ImatrixObserver:
+    """x^2 per input column of each named Linear, accumulated as the layer-wise runner pushes tokens through."""
 
-    `modules` maps torch module names (model.layers.3.self_attn.q_proj) to GGUF tensor names.
-    """
-    import torch
+    def __init__(self, modules: Mapping[str, str]):
+        self.modules = modules
+        self.stats: dict[str, ImatrixStat] = {}
+        self._hooks: list = []
 
-    named = dict(model.named_modules())
-    missing = [m for m in modules if m not in named]
-    if missing:
-        raise DropquantError(f"importance matrix: the model has no modules {missing[:3]}... (pruned model and GGUF disagree)")
-    stats: dict[str, ImatrixStat] = {}
-    hooks = []
-
-    def make_hook(gname: str):
+    def _hook(self, gname: str):
         def hook(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            st = stats.get(gname)
             sq = (x * x).sum(0).cpu().numpy()
+            st = self.stats.get(gname)
             if st is None:
-                stats[gname] = ImatrixStat(sq, x.shape[0])
+                self.stats[gname] = ImatrixStat(sq, x.shape[0])
             else:
                 st.sums += sq
                 st.count += x.shape[0]
         return hook
 
-    for mname, gname in modules.items():
-        hooks.append(named[mname].register_forward_hook(make_hook(gname)))
-    batches = range(0, input_ids.shape[0], batch_size)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc="imatrix", unit="batch")
-    try:
-        with torch.no_grad():
-            for start in batches:
-                model(input_ids[start:start + batch_size])
-    finally:
-        for h in hooks:
+    def layer_start(self, i: int, layer) -> None:
+        for sub, module in layer.named_modules():
+            gname = self.modules.get(f"model.layers.{i}.{sub}")
+            if gname is not None:
+                self._hooks.append(module.register_forward_hook(self._hook(gname)))
+
+    def batch(self, i, x, y) -> None:
+        pass
+
+    def layer_end(self, i: int) -> None:
+        for h in self._hooks:
             h.remove()
-    return stats
+        self._hooks.clear()
+
+
+def collect_imatrix_stack(stack, input_ids, modules: Mapping[str, str], batch_size: int = 1,
+                          progress: bool = False) -> dict[str, ImatrixStat]:
+    """Run `input_ids` [n, seq] through the layers of `stack` (see dropquant.layerwise) and accumulate x^2
+    per input column of each Linear in `modules` (torch module name -> GGUF tensor name)."""
+    from .layerwise import run_layers
+
+    known = {f"model.layers.{i}.{sub}" for i, layer in enumerate(stack.layers) for sub, _ in layer.named_modules()}
+    missing = [m for m in modules if m not in known]
+    if missing:
+        raise DropquantError(f"importance matrix: the model has no modules {missing[:3]}... (pruned model and GGUF disagree)")
+    observer = ImatrixObserver(modules)
+    try:
+        run_layers(stack, input_ids, [observer], batch_size, progress, desc="imatrix")
+    finally:
+        observer.layer_end(-1)
+    return observer.stats
+
+
+def collect_imatrix(model, input_ids, modules: Mapping[str, str], batch_size: int = 1,
+                    progress: bool = False) -> dict[str, ImatrixStat]:
+    """collect_imatrix_stack for a loaded model."""
+    from .layerwise import InMemoryStack
+
+    return collect_imatrix_stack(InMemoryStack(model), input_ids, modules, batch_size, progress)
 
 
 def neutral_stats(names: Sequence[str], columns: Mapping[str, int], count: int) -> dict[str, ImatrixStat]:

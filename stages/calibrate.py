@@ -15,7 +15,10 @@ def run(params, args) -> None:
 
     from dropquant import calibration as cal
     from dropquant.atomic import atomic_dir, write_json
-    from dropquant.models import load_config, load_model, load_tokenizer, model_identity, resolve_source
+    from dropquant.errors import DropquantError
+    from dropquant.layerwise import should_stream
+    from dropquant.models import (checkpoint_dir, load_config, load_model, load_tokenizer, model_identity,
+                                  resolve_device, resolve_dtype, resolve_source)
 
     c = params.calibration
     source = resolve_source(params.model.source, params.model.revision)
@@ -24,8 +27,13 @@ def run(params, args) -> None:
     identity = model_identity(config, source)
     tokenizer = load_tokenizer(source)
     if c.source == cal.GENERATED:
+        dtype, device = resolve_dtype(params.model.dtype, source), resolve_device(params.model.device)
+        if should_stream(params.model.stream, checkpoint_dir(source), dtype, device, source.spec):
+            raise DropquantError("calibration.source=generated samples text from the whole model, which does not fit "
+                                 "in memory here (or model.stream is true): use a text source (a .txt/.jsonl path "
+                                 "or hf:<dataset>)")
         log.info("data-free calibration: sampling %d x %d tokens from %s", c.n_samples, c.seq_len, source.spec)
-        input_ids = cal.generate_tokens(load_model(source), tokenizer, c.n_samples, c.seq_len, c.seed)
+        input_ids = cal.generate_tokens(load_model(source, dtype, device), tokenizer, c.n_samples, c.seq_len, c.seed)
         texts_used = None
     else:
         log.info("packing %d x %d tokens from %s", c.n_samples, c.seq_len, c.source)

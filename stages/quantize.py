@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 from stages._cli import stage_main
@@ -20,10 +19,13 @@ def run(params, args) -> None:
     from dropquant.artifacts import check_pruned_matches_plan, file_sha256, read_calibration, read_json, read_plan
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.errors import DropquantError
-    from dropquant.gguf_export import export_model
-    from dropquant.models import load_config, load_model, load_tokenizer, model_identity, resolve_source
-    from dropquant.quantization import (NEEDS_IMATRIX, UNQUANTIZED, collect_imatrix, imatrix_means, llama_ftype,
-                                        module_gguf_names, neutral_stats, quantize_gguf, write_imatrix)
+    from dropquant.families import check_gguf_expressible
+    from dropquant.gguf_export import export_checkpoint, export_model
+    from dropquant.layerwise import InMemoryStack, checkpoint_stack, source_stack
+    from dropquant.models import (checkpoint_dir, load_config, load_model, model_identity, resolve_device,
+                                  resolve_dtype, resolve_source)
+    from dropquant.quantization import (NEEDS_IMATRIX, UNQUANTIZED, collect_imatrix_stack, imatrix_means,
+                                        llama_ftype, module_gguf_names, neutral_stats, quantize_gguf, write_imatrix)
 
     qtype = params.quantize.type
     llama_ftype(qtype)
@@ -33,41 +35,53 @@ def run(params, args) -> None:
     if params.quantize.imatrix and not use_imatrix:
         log.info("quantize.imatrix ignored: %s is not a quantized type", qtype)
     source = resolve_source(params.model.source, params.model.revision)
-    identity = model_identity(load_config(source), source)
+    config = load_config(source)
+    identity = model_identity(config, source)
     out = args.out or (BASELINE_OUT if args.baseline else OUT)
     calibration = read_calibration(args.calibration, identity)[0] if use_imatrix else None
+    dtype, device = resolve_dtype(params.model.dtype, source), resolve_device(params.model.device)
 
     if args.baseline:
         plan = None
-        model = load_model(source)
+        directory = checkpoint_dir(source)  # None: a GGUF source, loaded (dequantized) whole
+        check_gguf_expressible(config, [], [], source.spec)
     else:
-        from dropquant.pruning import RECORD_KEY, load_pruned
+        from dropquant.pruning import RECORD_KEY
 
         # The plan must be this model's, and the checkpoint the one it cut: checked before any weight is read.
         plan = read_plan(args.plan, identity)
-        config = read_json(args.pruned / "config.json", "pruned checkpoint", "run the drop stage")
-        check_pruned_matches_plan(config.get(RECORD_KEY), plan, args.pruned, args.plan)
-        model = load_pruned(args.pruned)
+        pruned_config = read_json(args.pruned / "config.json", "pruned checkpoint", "run the drop stage")
+        check_pruned_matches_plan(pruned_config.get(RECORD_KEY), plan, args.pruned, args.plan)
+        check_gguf_expressible(config, plan["attn"], plan["mlp"], source.spec)
+        directory = args.pruned
 
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as scratch:
-        # Tokenizer: a GGUF source's own tokenizer keys are carried over verbatim; otherwise the HF tokenizer.
-        if source.gguf_path is not None:
-            tok = {"tokenizer_gguf": source.gguf_path}
-        elif not args.baseline:
-            tok = {"tokenizer_dir": args.pruned}
+    with atomic_dir(out) as tmp:
+        # Tokenizer: a GGUF source's own tokenizer keys are carried over verbatim; otherwise the checkpoint's.
+        tok = {"tokenizer_gguf": source.gguf_path} if source.gguf_path is not None else {}
+        name = f"{source.spec} {'baseline' if args.baseline else 'dropquant'}"
+        intermediate = tmp / "model.source.gguf"
+        model = None
+        if directory is not None:
+            log.info("exporting %s to GGUF in its own precision, tensor by tensor", directory)
+            info = export_checkpoint(directory, intermediate, name=name, **tok)
         else:
-            load_tokenizer(source).save_pretrained(scratch)
-            tok = {"tokenizer_dir": scratch}
-        f32 = tmp / "model.f32.gguf"
-        log.info("exporting %s to GGUF (F32)", "the unpruned model" if args.baseline else args.pruned)
-        info = export_model(model, f32, name=f"{source.spec} {'baseline' if args.baseline else 'dropquant'}", **tok)
+            model = load_model(source, dtype)
+            log.info("exporting the unpruned model to GGUF")
+            info = export_model(model, intermediate, name=name, **tok)
         log.info("layout: %s", json.dumps({k: v for k, v in info.summary().items() if k != "source_layers"}))
 
         imatrix_record = None
         means = None
         if use_imatrix:
             modules = module_gguf_names(info.tensor_names)
-            stats = collect_imatrix(model, calibration, modules, batch_size=1, progress=True)
+            if model is not None:
+                stack = InMemoryStack(model)
+            elif args.baseline:
+                stack = source_stack(source, dtype, device, params.model.stream)
+            else:
+                stack = checkpoint_stack(args.pruned, dtype, device, params.model.stream)
+            stats = collect_imatrix_stack(stack, calibration, modules, batch_size=1, progress=True)
+            del stack
             n_tok = int(calibration.numel())
             stats.update(neutral_stats(list(info.standin_columns), info.standin_columns, n_tok))
             write_imatrix(tmp / "imatrix.gguf", stats, chunk_size=calibration.shape[1],
@@ -78,17 +92,19 @@ def run(params, args) -> None:
         del model
 
         final = tmp / "model.gguf"
-        if qtype == "F32":
-            f32.rename(final)
+        if qtype == info.out_type:
+            intermediate.rename(final)
         else:
-            log.info("quantizing to %s with llama.cpp%s", qtype, " and the importance matrix" if means else "")
-            quantize_gguf(f32, final, qtype, imatrix=means)
-            f32.unlink()
+            log.info("quantizing %s to %s with llama.cpp%s", info.out_type, qtype,
+                     " and the importance matrix" if means else "")
+            quantize_gguf(intermediate, final, qtype, imatrix=means)
+            intermediate.unlink()
         manifest = {
             "type": qtype,
             "size_bytes": final.stat().st_size,
             "sha256": file_sha256(final),
             "arch": info.arch,
+            "source_type": info.out_type,  # the GGUF type llama.cpp quantized from: the checkpoint's own precision
             "plan": plan,
             "plan_id": None if plan is None else plan["plan_id"],
             "model": identity,

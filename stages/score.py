@@ -25,17 +25,20 @@ def importance_csv(importance: dict) -> str:
 def run(params, args) -> None:
     from dropquant.artifacts import read_calibration
     from dropquant.atomic import write_json, write_text
-    from dropquant.models import load_config, load_model, model_identity, resolve_source
+    from dropquant.layerwise import StreamedStack, source_stack
+    from dropquant.models import load_config, model_identity, resolve_device, resolve_dtype, resolve_source
     from dropquant.plots import importance_heatmap
-    from dropquant.scoring import score_model
+    from dropquant.scoring import score_stack
 
     source = resolve_source(params.model.source, params.model.revision)
     identity = model_identity(load_config(source), source)
     input_ids, calibration = read_calibration(args.calibration, identity)
-    model = load_model(source)
-    log.info("scoring %s on %d tokens", source.spec, input_ids.numel())
-    scores = score_model(model, input_ids, params.score.batch_size, params.score.metric)
-    result = {"model": identity, "calibration": {"sha256": calibration["sha256"]}, **scores}
+    dtype = resolve_dtype(params.model.dtype, source)
+    stack = source_stack(source, dtype, resolve_device(params.model.device), params.model.stream)
+    log.info("scoring %s on %d tokens in %s", source.spec, input_ids.numel(), str(dtype).removeprefix("torch."))
+    scores = score_stack(stack, input_ids, params.score.batch_size, params.score.metric)
+    result = {"model": identity, "calibration": {"sha256": calibration["sha256"]},
+              "dtype": str(dtype).removeprefix("torch."), "streamed": isinstance(stack, StreamedStack), **scores}
     imp = scores["importance"]
     for unit in ("attn", "mlp", "block"):
         log.info("mean %s importance %.4f", unit, sum(imp[unit]) / len(imp[unit]))

@@ -15,6 +15,31 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def make_tiny(family: str = "llama", seed: int = 0, layers: int = 4, vocab: int = 128, hidden: int = 64,
+              intermediate: int = 0, tie: bool = False, noise: float = 0.02, **extra):
+    """A tiny random model of a supported family, its weights spread (random init leaves RMSNorm weights at 1,
+    biases at 0 and small residual updates) so that every module, bias and norm matters."""
+    import torch
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, n) for n in classes[family])
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                        max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1,
+                        eos_token_id=extra.pop("eos_token_id", 2), **extra)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return model
+
+
 def make_tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 128, hidden: int = 64):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -101,7 +101,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
     from dropquant.models import load_config, resolve_source
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(DropquantError, match="architecture 'gpt2'; supported: llama, mistral"):
+    with pytest.raises(DropquantError, match="architecture 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
         load_config(resolve_source(str(tmp_path)))
 
 

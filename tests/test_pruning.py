@@ -13,23 +13,15 @@ from dropquant.params import parse_params
 from dropquant.pruning import (checkpoint_tensor_bytes, dropped_parameters, load_pruned, prune_model, save_pruned,
                                summary)
 from dropquant.selection import DropPlan, select
+from tests.conftest import FAMILIES, make_tiny
 
 torch.set_num_threads(1)
 L = 6
 
 
-def tiny(seed=0, tie=False, hidden=64, intermediate=128, layers=L):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=None, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # spread the weights so every module matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+def tiny(seed=0, tie=False, hidden=64, intermediate=128, layers=L, family="llama"):
+    return make_tiny(family, seed=seed, layers=layers, vocab=96, hidden=hidden, intermediate=intermediate, tie=tie,
+                     noise=0.05, eos_token_id=None, pad_token_id=0)
 
 
 def ids(seed=1, batch=2, length=10):
@@ -77,9 +69,10 @@ def greedy(model, input_ids, use_cache=True, n=12):
                           pad_token_id=0)
 
 
-@pytest.fixture(scope="module")
-def base():
-    return tiny()
+@pytest.fixture(scope="module", params=FAMILIES)
+def base(request):
+    """Each supported family: Qwen2's q/k/v biases and Qwen3's q/k norms must follow their layer's fate."""
+    return tiny(family=request.param)
 
 
 @pytest.mark.parametrize("method", list(PLANS))

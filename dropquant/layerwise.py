@@ -1,0 +1,255 @@
+"""One layer-wise runner for every pass over calibration tokens (scoring, the importance matrix).
+
+The calibration tokens go through the decoder one layer at a time: all of them through layer 0, then all
+of them through layer 1, ... with the residual stream of every token kept between layers (in memory, or
+in a file-backed buffer when it would not fit). Observers see each layer's modules and each batch's input
+and output. Where the layers come from is the stack's business:
+
+- `InMemoryStack`: a loaded transformers model (on the CPU, a GPU, or spread over GPUs by accelerate);
+- `StreamedStack`: a safetensors checkpoint read one decoder layer at a time, for models larger than
+  memory; the layer is built from the same transformers class and loaded with exactly the checkpoint's
+  tensors, so both stacks compute the same numbers.
+
+Each batch is computed exactly as the model's own forward does it (same rotary embeddings, same causal
+mask from transformers' create_causal_mask, no KV cache).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Protocol
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import DropquantError
+
+log = logging.getLogger(__name__)
+
+# The residual stream of all calibration tokens goes to a file-backed buffer when it would take more than
+# this share of the memory available now.
+HIDDEN_MEMORY_SHARE = 0.25
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable, within a cgroup limit if lower)."""
+    avail = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        usage = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, int(limit) - usage)
+    return avail
+
+
+class Observer(Protocol):
+    def layer_start(self, i: int, layer) -> None: ...
+    def batch(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None: ...
+    def layer_end(self, i: int) -> None: ...
+
+
+class InMemoryStack:
+    """The layers of a loaded model (each may live on its own device)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.layers = model.model.layers
+        self.dtype = next(model.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        emb = self.model.model.embed_tokens
+        return emb(input_ids.to(emb.weight.device))
+
+    def rotary(self):
+        return self.model.model.rotary_emb
+
+    @contextlib.contextmanager
+    def layer(self, i: int) -> Iterator[tuple[torch.nn.Module, torch.device]]:
+        layer = self.layers[i]
+        yield layer, next(layer.parameters()).device
+
+
+class StreamedStack:
+    """A safetensors checkpoint's layers, one at a time: only the layer in use holds memory."""
+
+    def __init__(self, path, config, dtype: torch.dtype, device: str = "cpu", record: Optional[dict] = None):
+        from .models import build_skeleton
+        from .pruning import apply_layout
+
+        self.checkpoint = Checkpoint(path)
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        skeleton = build_skeleton(config, dtype)
+        if record:  # a pruned checkpoint: the same layer classes with the dropped halves removed
+            apply_layout(skeleton, record["kept_layers"], record["dropped_attn"], record["dropped_mlp"],
+                         record["base_num_hidden_layers"])
+        self.skeleton = skeleton
+        self.layers = skeleton.model.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.checkpoint.get("model.embed_tokens.weight").to(self.device, self.dtype)
+        return torch.nn.functional.embedding(input_ids.to(self.device), weight)
+
+    def rotary(self):
+        # Built for real (its inverse frequencies are computed in __init__, which meta tensors cannot hold).
+        return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
+
+    @contextlib.contextmanager
+    def layer(self, i: int) -> Iterator[tuple[torch.nn.Module, torch.device]]:
+        layer = self.layers[i]
+        prefix = f"model.layers.{i}."
+        tensors = self.checkpoint.get_many(self.checkpoint.with_prefix(prefix))
+        state = {k[len(prefix):]: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in tensors.items()}
+        del tensors
+        expected = set(layer.state_dict().keys())
+        if set(state) != expected:
+            raise DropquantError(f"{self.checkpoint.path}: layer {i} tensors do not match the config: missing "
+                                 f"{sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}")
+        layer.load_state_dict(state, strict=True, assign=True)
+        del state
+        try:
+            yield layer, self.device
+        finally:
+            layer.to("meta")  # releases this layer's weights before the next one is read
+
+
+class HiddenStates:
+    """The residual stream of every calibration token, [n_samples, seq_len, hidden], in memory or in a file."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, scratch: Optional[Path] = None):
+        n_bytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        self._file = None
+        if n_bytes > HIDDEN_MEMORY_SHARE * available_memory():
+            fd, name = tempfile.mkstemp(prefix="dropquant-hidden-", suffix=".bin", dir=scratch)
+            os.close(fd)
+            self._file = name
+            log.info("calibration hidden states (%.1f GB) kept in %s", n_bytes / 1e9, name)
+            self.data = torch.from_file(name, shared=True, size=int(torch.Size(shape).numel()),
+                                        dtype=dtype).view(shape)
+        else:
+            self.data = torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        self.data = None
+        if self._file:
+            os.unlink(self._file)
+
+
+def _batch_kwargs(stack, rotary, x: torch.Tensor) -> dict:
+    from transformers.masking_utils import create_causal_mask
+
+    position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    mask = create_causal_mask(config=stack.config, inputs_embeds=x, attention_mask=None, cache=None,
+                              position_ids=position_ids)
+    return {"attention_mask": mask, "position_embeddings": rotary(x, position_ids=position_ids),
+            "position_ids": position_ids, "use_cache": False}
+
+
+@torch.inference_mode()
+def run_layers(stack, input_ids: torch.Tensor, observers: list, batch_size: int = 2, progress: bool = True,
+               desc: str = "layers", scratch: Optional[Path] = None) -> int:
+    """Push `input_ids` [n, seq] through every decoder layer of `stack`; returns the number of tokens."""
+    from tqdm import tqdm
+
+    if input_ids.dim() != 2:
+        raise DropquantError(f"calibration tokens must be [n_samples, seq_len], got shape {list(input_ids.shape)}")
+    hidden = int(stack.config.hidden_size)
+    states = HiddenStates((*input_ids.shape, hidden), stack.dtype, scratch)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            states.data[start:start + batch_size] = stack.embed(input_ids[start:start + batch_size]).cpu()
+        rotary = stack.rotary()
+        n_layers = len(stack.layers)
+        bar = tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress)
+        for i in bar:
+            with stack.layer(i) as (layer, device):
+                for ob in observers:
+                    ob.layer_start(i, layer)
+                for start in range(0, input_ids.shape[0], batch_size):
+                    x = states.data[start:start + batch_size].to(device)
+                    y = layer(x, **_batch_kwargs(stack, rotary.to(device), x))
+                    y = y[0] if isinstance(y, tuple) else y
+                    for ob in observers:
+                        ob.batch(i, x, y)
+                    states.data[start:start + batch_size] = y.to(states.data.device)
+                for ob in observers:
+                    ob.layer_end(i)
+        return int(input_ids.numel())
+    finally:
+        states.close()
+
+
+# --- choosing a stack ------------------------------------------------------------------------------
+
+# A model is loaded whole only when it takes at most this share of the memory it would live in.
+LOAD_MEMORY_SHARE = 0.7
+
+
+def weights_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's tensors take once loaded in `dtype` (integer tensors keep their own)."""
+    from math import prod
+
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name in checkpoint.keys():
+        floating = checkpoint.dtype(name) in ("F32", "F16", "BF16", "F64")
+        total += prod(checkpoint.shape(name)) * size if floating else checkpoint.nbytes(name)
+    return total
+
+
+def memory_for(device: str) -> int:
+    if device == "cpu":
+        return available_memory()
+    if device == "auto":
+        return sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return torch.cuda.mem_get_info(torch.device(device))[0]
+
+
+def should_stream(stream, directory: Optional[Path], dtype: torch.dtype, device: str, name: str) -> bool:
+    """model.stream resolved: True/False as asked (streaming needs safetensors), auto = when the model would
+    not fit in the memory of `device`."""
+    if stream is True and directory is None:
+        raise DropquantError(f"model.stream=true needs safetensors weights; {name} is a GGUF file, which "
+                             "transformers loads whole (dequantized)")
+    if stream is not True and (stream is False or directory is None):
+        return False
+    if stream is True:
+        return True
+    need, have = weights_bytes(Checkpoint(directory), dtype), memory_for(device)
+    streamed = need > LOAD_MEMORY_SHARE * have
+    log.info("%s: %.1f GB of weights in %s, %.1f GB available on %s: %s", name, need / 1e9,
+             str(dtype).removeprefix("torch."), have / 1e9, device,
+             "streaming one layer at a time" if streamed else "loading it whole")
+    return streamed
+
+
+def source_stack(source, dtype: torch.dtype, device: str, stream):
+    """The layers of model.source, loaded whole or streamed as `stream` (model.stream) decides."""
+    from .models import checkpoint_dir, load_config, load_model
+
+    directory = checkpoint_dir(source)
+    if should_stream(stream, directory, dtype, device, source.spec):
+        return StreamedStack(directory, load_config(source), dtype, "cuda:0" if device == "auto" else device)
+    return InMemoryStack(load_model(source, dtype, device))
+
+
+def checkpoint_stack(path, dtype: torch.dtype, device: str, stream):
+    """The layers of a (pruned) checkpoint written by the drop stage, loaded whole or streamed."""
+    from .pruning import config_from_checkpoint, load_pruned, read_record
+
+    if should_stream(stream, Path(path), dtype, device, str(path)):
+        config = config_from_checkpoint(path)
+        return StreamedStack(path, config, dtype, "cuda:0" if device == "auto" else device, read_record(config))
+    return InMemoryStack(load_pruned(path, dtype, device))

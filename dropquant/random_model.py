@@ -1,0 +1,351 @@
+"""Random-weight Hugging Face checkpoints of any shape, written to disk, for testing models larger than memory.
+
+    python -m dropquant.random_model OUT --layers 26 [--preset llama3-8b] [--family llama|qwen2|qwen3]
+                                     [--dtype bfloat16] [--hidden H ...] [--shard-gb 2] [--seed 0]
+
+The directory is what `save_pretrained` writes (config.json, model.safetensors or model-0000K-of-0000N.safetensors
+plus model.safetensors.index.json, the tokenizer), so transformers and dropquant load it as any local model.
+Tensors are generated one at a time and written a shard at a time, so memory stays about one shard whatever
+the model's size. Values depend only on the seed and the tensor's name, not on the shard size or thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .atomic import atomic_dir
+from .errors import DropquantError
+
+log = logging.getLogger(__name__)
+
+# Llama-3-8B's layer shape. Its vocabulary (128256) is not here: the checkpoint gets the embedded tokenizer's.
+LLAMA3_8B_SHAPE: dict[str, Any] = {
+    "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
+    "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+}
+PRESETS = {"llama3-8b": LLAMA3_8B_SHAPE}
+FAMILIES = ("llama", "qwen2", "qwen3")
+DTYPES = ("bfloat16", "float16", "float32")
+
+WEIGHT_STD = 0.02  # transformers' default initializer_range
+NOISE_STD = 0.02  # spread of RMSNorm weights around 1 and of biases around 0, so layers differ
+# Fixed, so a tensor's values do not depend on the shard size or on how many threads fill it.
+CHUNK_ELEMENTS = 1 << 22
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DISK_MARGIN = 1.05  # tokenizer, config and file-system slack on top of the tensor bytes
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "matrix", "norm" or "bias": decides how its values are drawn
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def write_random_checkpoint(out, *, family: str = "llama", layers: int, hidden: int, intermediate: int, heads: int,
+                            kv_heads: int, vocab: Optional[int] = None, dtype: str = "bfloat16", tie: bool = False,
+                            seed: int = 0, shard_bytes: float = 2e9, tokenizer_source: Any = "embedded",
+                            progress: bool = True, **config_kwargs) -> Path:
+    """Write a random-weight checkpoint of this shape to the directory `out` (replaced atomically); returns it.
+
+    tokenizer_source: "embedded" (the packaged SmolLM2 tokenizer), any other model.source spec, a tokenizer
+    object, or None for no tokenizer (then `vocab` is required). `vocab` defaults to the tokenizer's size.
+    config_kwargs go to the family's config class as they are (rope_theta, rms_norm_eps, ...)."""
+    import torch
+
+    out = Path(out)
+    _check_out(out)
+    tokenizer = _tokenizer(tokenizer_source)
+    vocab = _vocab(vocab, tokenizer)
+    if tokenizer is not None:
+        config_kwargs = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         **config_kwargs}
+    config = make_config(family, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                         kv_heads=kv_heads, vocab=vocab, dtype=dtype, tie=tie, **config_kwargs)
+    specs = tensor_specs(config)
+    torch_dtype = getattr(torch, dtype)
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    shards = plan_shards(specs, itemsize, shard_bytes)
+    total = sum(s.numel for s in specs) * itemsize
+    _check_disk(out, total)
+    log.info("writing a random %s checkpoint (%d layers, hidden %d, %s) of %.2f GB in %d shard(s) to %s",
+             family, layers, hidden, dtype, total / 1e9, len(shards), out)
+    with atomic_dir(out) as tmp:
+        weight_map = _write_shards(tmp, shards, torch_dtype, itemsize, total, seed, progress)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+def make_config(family: str, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                dtype: str = "bfloat16", tie: bool = False, **kwargs):
+    """The transformers config of this family and shape; kwargs override any of its fields."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if family not in classes:
+        raise DropquantError(f"random checkpoint: family '{family}' is not one of {', '.join(classes)}")
+    if dtype not in DTYPES:
+        raise DropquantError(f"random checkpoint: dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    for name, value in (("layers", layers), ("hidden", hidden), ("intermediate", intermediate), ("heads", heads),
+                        ("kv_heads", kv_heads), ("vocab", vocab)):
+        if not isinstance(value, int) or value < 1:
+            raise DropquantError(f"random checkpoint: {name} must be a positive integer, got {value!r}")
+    if hidden % heads:
+        raise DropquantError(f"random checkpoint: hidden {hidden} is not a multiple of heads {heads}")
+    if heads % kv_heads:
+        raise DropquantError(f"random checkpoint: heads {heads} is not a multiple of kv_heads {kv_heads}")
+    # head_dim explicitly: Qwen3Config defaults it to 128 whatever hidden / heads is.
+    fields = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                  tie_word_embeddings=tie, dtype=dtype)
+    config = classes[family](**{**fields, **kwargs})
+    config.architectures = [_model_class_name(family)]
+    return config
+
+
+def _model_class_name(family: str) -> str:
+    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+
+
+def tensor_specs(config) -> list[TensorSpec]:
+    """Every tensor transformers' model for `config` loads, in its state-dict order; a tied lm_head is left out.
+
+    Read off the model built on the meta device, so names and shapes are exactly transformers' own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # named_parameters() yields a tied lm_head.weight once, under the embedding's name.
+    specs = [TensorSpec(name, tuple(p.shape), _kind(name, p.ndim)) for name, p in model.named_parameters()]
+    saved = model.state_dict().keys()
+    persistent = [name for name, _ in model.named_buffers() if name in saved]
+    if persistent:
+        raise DropquantError(f"random checkpoint: {type(model).__name__} has persistent buffers "
+                             f"({', '.join(persistent[:3])}) this writer does not know how to fill")
+    return specs
+
+
+def _kind(name: str, ndim: int) -> str:
+    if ndim == 2:
+        return "matrix"
+    if ndim == 1 and name.endswith("norm.weight"):
+        return "norm"
+    if ndim == 1 and name.endswith(".bias"):
+        return "bias"
+    raise DropquantError(f"random checkpoint: no rule to fill tensor {name} ({ndim}-D)")
+
+
+def plan_shards(specs: list[TensorSpec], itemsize: int, shard_bytes: float) -> list[list[TensorSpec]]:
+    """Tensors grouped in order into shards of at most shard_bytes (a larger tensor gets a shard of its own).
+
+    Planned before any value is drawn, so each file gets its final -0000K-of-0000N name when written."""
+    if not shard_bytes > 0:
+        raise DropquantError(f"random checkpoint: shard_bytes must be positive, got {shard_bytes}")
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = spec.numel * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def shard_name(k: int, n: int) -> str:
+    return SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _write_shards(folder: Path, shards, torch_dtype, itemsize: int, total: int, seed: int,
+                  progress: bool) -> dict[str, str]:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    weight_map = {}
+    # Counted per shard once written: writing takes longer than drawing, so per-tensor ticks would run ahead.
+    with tqdm(total=total, unit="B", unit_scale=True, desc="random weights", disable=not progress) as bar, \
+            ThreadPoolExecutor(_threads()) as pool:
+        for k, shard in enumerate(shards):
+            name = shard_name(k, len(shards))
+            bar.set_postfix_str(name)
+            tensors = {}
+            for spec in shard:
+                tensors[spec.name] = random_tensor(spec, torch_dtype, seed, pool)
+                weight_map[spec.name] = name
+            save_file(tensors, folder / name, metadata={"format": "pt"})
+            os.chmod(folder / name, 0o666 & ~_umask())  # safetensors creates owner-only files
+            bar.update(sum(t.numel() for t in tensors.values()) * itemsize)
+            del tensors  # before the next shard is drawn: memory stays one shard
+    return weight_map
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _threads() -> int:
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def random_tensor(spec: TensorSpec, torch_dtype, seed: int, pool: Optional[ThreadPoolExecutor] = None):
+    """The values of one tensor: a function of (seed, name) only.
+
+    Drawn straight in the target dtype, in fixed-size chunks each from its own generator: no float32 copy,
+    and the chunks fill in parallel (torch's CPU generator is single-threaded, ~180 M values/s)."""
+    import torch
+
+    out = torch.empty(spec.shape, dtype=torch_dtype)
+    flat = out.view(-1)
+    mean, std = {"matrix": (0.0, WEIGHT_STD), "norm": (1.0, NOISE_STD), "bias": (0.0, NOISE_STD)}[spec.kind]
+
+    def fill(i: int) -> None:
+        gen = torch.Generator().manual_seed(_chunk_seed(seed, spec.name, i))
+        flat[i * CHUNK_ELEMENTS:(i + 1) * CHUNK_ELEMENTS].normal_(mean, std, generator=gen)
+
+    chunks = range(-(-spec.numel // CHUNK_ELEMENTS))
+    if pool is None or len(chunks) == 1:
+        for i in chunks:
+            fill(i)
+    else:
+        list(pool.map(fill, chunks))
+    return out
+
+
+def _chunk_seed(seed: int, name: str, chunk: int) -> int:
+    # sha256, not hash(): Python's string hash changes from one process to the next.
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()[:8], "little") >> 1
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(spec: str):
+    # Cached: the embedded tokenizer comes out of a GGUF file, which takes 10-20 s to parse.
+    from .models import load_tokenizer, resolve_source
+
+    return load_tokenizer(resolve_source(spec))
+
+
+def _tokenizer(source):
+    if source is None:
+        return None
+    if isinstance(source, (str, Path)):
+        return _load_tokenizer(str(source))
+    if not hasattr(source, "save_pretrained"):
+        raise DropquantError(f"random checkpoint: tokenizer_source must be a model source, a tokenizer or None, "
+                             f"got {type(source).__name__}")
+    return source
+
+
+def _vocab(vocab: Optional[int], tokenizer) -> int:
+    if tokenizer is None:
+        if vocab is None:
+            raise DropquantError("random checkpoint: without a tokenizer, vocab must be given")
+        return vocab
+    size = len(tokenizer)
+    if vocab is None:
+        return size
+    if vocab < size:
+        raise DropquantError(f"random checkpoint: vocab {vocab} is smaller than the tokenizer's {size} tokens "
+                             "(its ids would index past the embedding)")
+    return vocab
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a directory that is not a checkpoint: atomic_dir swaps out whatever is there."""
+    if out.exists() and not out.is_dir():
+        raise DropquantError(f"random checkpoint: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise DropquantError(f"random checkpoint: {out} is a non-empty directory without config.json; "
+                             "refusing to replace it")
+
+
+def _check_disk(out: Path, nbytes: int) -> None:
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < nbytes * DISK_MARGIN:
+        raise DropquantError(f"random checkpoint: needs {nbytes * DISK_MARGIN / 1e9:.1f} GB, "
+                             f"{parent} has {free / 1e9:.1f} GB free")
+
+
+def checkpoint_bytes(path) -> int:
+    """Bytes of tensor data in a checkpoint directory: the index's total_size, or the single file's tensors."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        return int(json.loads((path / INDEX_FILE).read_text())["metadata"]["total_size"])
+    from safetensors import safe_open
+
+    with safe_open(path / SINGLE_FILE, "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) * _itemsize(f.get_slice(k).get_dtype()) for k in f.keys())
+
+
+def _itemsize(safetensors_dtype: str) -> int:
+    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[safetensors_dtype]
+
+
+def _parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dropquant.random_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="checkpoint directory to write (replaced if it holds a checkpoint)")
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b",
+                   help="layer shape; --hidden etc. override its fields (default: llama3-8b)")
+    p.add_argument("--family", choices=FAMILIES, default="llama")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    for name in ("hidden", "intermediate", "heads", "kv_heads"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int)
+    p.add_argument("--vocab", type=int, help="default: the tokenizer's size")
+    p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GB (1e9 bytes)")
+    p.add_argument("--tokenizer", default="embedded", help="model source whose tokenizer to copy, or 'none'")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    shape = dict(PRESETS[args.preset])
+    shape.update({k: v for k in ("hidden", "intermediate", "heads", "kv_heads") if (v := getattr(args, k)) is not None})
+    t0 = time.perf_counter()
+    try:
+        out = write_random_checkpoint(
+            args.out, family=args.family, layers=args.layers, vocab=args.vocab, dtype=args.dtype, tie=args.tie,
+            seed=args.seed, shard_bytes=args.shard_gb * 1e9,
+            tokenizer_source=None if args.tokenizer.lower() == "none" else args.tokenizer, **shape)
+    except DropquantError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {checkpoint_bytes(out) / 1e9:.2f} GB of weights in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
