@@ -1,7 +1,7 @@
 """Scoring models larger than memory: streamed scoring's peak memory must not grow with the model's depth.
 
     python -m benchmarks.bench_scale [--layers-small 4] [--layers-large 16] [--tokens 8x128] [--seed 0]
-                                     [--batch-size 2] [--repeats 1] [--workdir DIR] [--keep]
+                                     [--batch-size 2] [--repeats 3] [--workdir DIR] [--keep]
                                      [--hidden H --intermediate I --heads N --kv-heads K | --quick]
                                      [--check-harness]
 
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -111,6 +111,7 @@ class Measurement:
     baseline_bytes: int
     model_bytes: int
     importance: Optional[dict] = None
+    walls: list = field(default_factory=list)
 
     def line(self) -> str:
         gb = 1e9
@@ -132,16 +133,18 @@ def run_child(folder: Path, label: str, child_args: list[str]) -> dict:
     return json.loads(result.read_text())
 
 
-def measure(folder: Path, label: str, checkpoint: Path, tokens: Path, *, stream: bool, batch_size: int,
-            repeats: int) -> Measurement:
-    """Median wall time and highest peak of `repeats` runs, each in its own process."""
+def score_run(folder: Path, label: str, checkpoint: Path, tokens: Path, *, stream: bool, batch_size: int) -> dict:
+    return run_child(folder, label, ["--task", "score", "--checkpoint", str(checkpoint), "--tokens", str(tokens),
+                                     "--stream", str(int(stream)), "--batch-size", str(batch_size)])
+
+
+def summarize(label: str, runs: list[dict], checkpoint: Path) -> Measurement:
+    """Median wall time and highest peak of the runs, each made in its own process."""
     from dropquant.random_model import checkpoint_bytes
 
-    runs = [run_child(folder, f"{label}-{r}", ["--task", "score", "--checkpoint", str(checkpoint), "--tokens",
-                                               str(tokens), "--stream", str(int(stream)), "--batch-size",
-                                               str(batch_size)]) for r in range(repeats)]
     m = Measurement(label, statistics.median(r["wall_s"] for r in runs), max(r["peak_bytes"] for r in runs),
-                    min(r["baseline_bytes"] for r in runs), checkpoint_bytes(checkpoint), runs[0]["importance"])
+                    min(r["baseline_bytes"] for r in runs), checkpoint_bytes(checkpoint), runs[0]["importance"],
+                    [r["wall_s"] for r in runs])
     print(m.line(), flush=True)
     return m
 
@@ -203,14 +206,19 @@ def report(small: Measurement, large: Measurement, inmem: Measurement) -> dict:
     ratios = {
         "peak_large_over_small": large.peak_bytes / small.peak_bytes,
         "peak_large_over_model_large": large.peak_bytes / large.model_bytes,
-        "stream_over_inmemory_time": small.wall_s / inmem.wall_s,
+        "stream_over_inmemory_time": statistics.median(a / b for a, b in zip(small.walls, inmem.walls)),
     }
+    per_pair = [a / b for a, b in zip(small.walls, inmem.walls)]
     print(ratio_line("peak RSS streamed, large / small", ratios["peak_large_over_small"], PEAK_GROWTH_TARGET,
                      f"{PEAK_GROWTH_TARGET}"))
     print(ratio_line("peak RSS streamed large / its model bytes", ratios["peak_large_over_model_large"],
                      PEAK_OVER_MODEL_TARGET, "1/3"))
     print(ratio_line("time small: streamed / in-memory", ratios["stream_over_inmemory_time"], STREAM_TIME_TARGET,
                      f"{STREAM_TIME_TARGET}"))
+    ratios["stream_over_inmemory_spread"] = (max(per_pair) - min(per_pair)) / ratios["stream_over_inmemory_time"]
+    print(f"    median of {len(per_pair)} alternating pairs: {', '.join(f'{r:.3f}' for r in per_pair)} "
+          f"(spread {ratios['stream_over_inmemory_spread']:.1%}"
+          f"{'; a single pair: interference cannot be told apart' if len(per_pair) < 2 else ''})")
     diff = importance_gap(small.importance, inmem.importance)
     if diff is not None:
         print(f"  streamed vs in-memory importance, small: max |difference| {diff:.2e}")
@@ -241,7 +249,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--tokens", default="8x128", help="calibration tokens, SAMPLESxLENGTH (default 8x128)")
     p.add_argument("--seed", type=int, default=0, help="of the weights and of the tokens")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="runs per measurement (median time, highest peak)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median time, highest peak)")
     p.add_argument("--workdir", help="where the temporary folder goes (default $TMPDIR, else ../tmp)")
     p.add_argument("--keep", action="store_true", help="leave the checkpoints and logs in place")
     p.add_argument("--quick", action="store_true", help="a small hidden size: checks the harness end to end")
@@ -290,10 +298,15 @@ def run(args, folder: Path) -> dict:
     small_ckpt = build(folder, args.layers_small, shape, args.seed)
     large_ckpt = build(folder, args.layers_large, shape, args.seed)
     tokens, n_tokens = write_tokens(folder, small_ckpt, args.tokens, args.seed)
-    kw = dict(batch_size=args.batch_size, repeats=args.repeats)
-    small = measure(folder, f"streamed {args.layers_small}L", small_ckpt, tokens, stream=True, **kw)
-    inmem = measure(folder, f"in-memory {args.layers_small}L", small_ckpt, tokens, stream=False, **kw)
-    large = measure(folder, f"streamed {args.layers_large}L", large_ckpt, tokens, stream=True, **kw)
+    # Streamed and in-memory alternate, so that a neighbour's load falls on both; each pair gives one ratio.
+    pairs = [(score_run(folder, f"streamed-{r}", small_ckpt, tokens, stream=True, batch_size=args.batch_size),
+              score_run(folder, f"in-memory-{r}", small_ckpt, tokens, stream=False, batch_size=args.batch_size))
+             for r in range(args.repeats)]
+    small = summarize(f"streamed {args.layers_small}L", [a for a, _ in pairs], small_ckpt)
+    inmem = summarize(f"in-memory {args.layers_small}L", [b for _, b in pairs], small_ckpt)
+    large = summarize(f"streamed {args.layers_large}L",
+                      [score_run(folder, f"large-{r}", large_ckpt, tokens, stream=True, batch_size=args.batch_size)
+                       for r in range(args.repeats)], large_ckpt)
     if not args.keep:  # the large checkpoint is most of the disk; the report needs only its size, already read
         shutil.rmtree(large_ckpt, ignore_errors=True)
     ratios = report(small, large, inmem)

@@ -22,6 +22,7 @@ INDEX_NAME = f"{WEIGHTS_NAME}.index.json"
 SHARD_BYTES = 2 * 1024 ** 3
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+TORCH_NAMES = {**TORCH_DTYPE, "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def read_header(path: Path) -> dict:
@@ -66,6 +67,8 @@ class Checkpoint:
         self.entries: dict[str, tuple[Path, dict]] = {}
         for f in self.files:
             for name, entry in read_header(f).items():
+                if name in self.entries:
+                    raise DropquantError(f"{self.path}: tensor {name} is stored in more than one file")
                 self.entries[name] = (f, entry)
 
     def __contains__(self, name: str) -> bool:
@@ -101,22 +104,33 @@ class Checkpoint:
         return self.get_many([name])[name]
 
     def get_many(self, names: Iterable[str]) -> dict:
-        """These tensors (copied out of the mapped files, which are closed again), grouped by file."""
-        from safetensors import safe_open
+        """These tensors, each read into memory of its own with plain file reads: no mapping of the file, so
+        the pages read are not charged to this process and nothing but the tensors stays resident."""
+        import torch
 
         names = list(names)
         missing = [n for n in names if n not in self.entries]
         if missing:
             raise DropquantError(f"{self.path}: tensors missing from the checkpoint: {missing[:4]}")
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.entries[n][0], []).append(n)
         out = {}
-        for f, group in by_file.items():
-            with safe_open(str(f), framework="pt") as handle:
-                for n in group:
-                    out[n] = handle.get_tensor(n)
+        for n in names:
+            f, entry = self.entries[n]
+            start, end = entry["data_offsets"]
+            dtype = getattr(torch, TORCH_NAMES.get(entry["dtype"], ""), None)
+            if dtype is None:
+                raise DropquantError(f"{f}: tensor {n} has dtype {entry['dtype']}, which is not read here")
+            raw = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled: the read overwrites it all
+            with open(f, "rb") as fh:
+                fh.seek(self._data_start(f) + start)
+                if fh.readinto(raw.numpy()) != end - start:
+                    raise DropquantError(f"{f}: tensor {n} is cut off (a truncated download or copy?)")
+            out[n] = raw.view(dtype).reshape(entry["shape"])
         return out
+
+    def _data_start(self, f: Path) -> int:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+        return 8 + n
 
     def with_prefix(self, prefix: str) -> list[str]:
         return [n for n in self.entries if n.startswith(prefix)]

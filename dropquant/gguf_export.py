@@ -1,9 +1,19 @@
-"""Pruned Hugging Face checkpoint -> GGUF file that llama.cpp runs, written with gguf-py.
+"""Pruned Hugging Face checkpoint -> GGUF file that llama.cpp runs, written with gguf-py one tensor at a time.
 
-Nothing dropped, or only whole blocks: the plain `llama` architecture with fewer blocks.
-Attention or MLP sublayers dropped: the `deci` architecture (Nemotron-NAS), whose per-layer
-`attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays let each block
-have its own shape. Four facts of llama.cpp's deci graph and KV cache shape the layout (see DESIGN.md):
+Which llama.cpp architecture (dropquant.families holds one spec per model family):
+
+- Nothing dropped, or only whole blocks: the family's own architecture with fewer blocks (`llama` for Llama
+  and Mistral, `qwen2`, `qwen3`), laid out as llama.cpp's convert_hf_to_gguf.py lays it out.
+- Attention or MLP sublayers dropped (Llama, Mistral, Qwen2): the `deci` architecture (Nemotron-NAS), whose
+  per-layer `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays let each block
+  have its own shape. Qwen3's per-head q/k norms exist in no per-layer architecture, so
+  families.check_gguf_expressible refuses that case before any work.
+
+RoPE: `llama` and `deci` rotate pairs of consecutive values, so HF's rotate-half Q/K rows (and Qwen2's q/k
+biases, which are added before the rotation) are permuted; `qwen2` and `qwen3` rotate halves as HF does and
+take the rows as they are.
+
+Four facts of llama.cpp's deci graph and KV cache shape the deci layout (see DESIGN.md):
 
 - head_count 0: the block has no attention tensors and no attn_norm and computes x + FFN(x), an
   exact Attention Drop whose compute and KV cache are really gone.
@@ -19,6 +29,14 @@ have its own shape. Four facts of llama.cpp's deci graph and KV cache shape the 
   one KV head and all-zero weights: uniform scores over zero values, times a zero W_o, adds exactly 0.
 
 A block whose attention and MLP are both dropped is the identity and is left out.
+
+Streaming: every tensor of the file is first described (GGUF name, shape, type) from the checkpoint's
+metadata alone, the header, key-values and tensor index are written, and then each tensor is loaded,
+converted, written and released in turn. Peak memory is about one tensor and its converted copy, so a
+checkpoint larger than RAM exports. An in-memory model goes through the same writer, byte for byte.
+
+Types: 2-D weights are written in `out_type`; "auto" keeps the checkpoint's own dtype (a bfloat16 checkpoint
+gives a BF16 file holding exactly its bits). Norms and biases stay F32, as convert_hf_to_gguf.py writes them.
 """
 from __future__ import annotations
 
@@ -27,19 +45,31 @@ import logging
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import DropquantError
+from .families import Family, biased_projections, check_gguf_expressible, family_of
 
 log = logging.getLogger(__name__)
 
 ARCH_LLAMA = "llama"
 ARCH_DECI = "deci"
+ARCH_QWEN2 = "qwen2"
+ARCH_QWEN3 = "qwen3"
+# llama.cpp's llama_model_rope_type (src/llama-model.cpp): these rotate pairs of consecutive values
+# (LLAMA_ROPE_TYPE_NORM); qwen2/qwen3 are NEOX, the rotate-half order HF checkpoints already have.
+NORM_ROPE_ARCHS = (ARCH_LLAMA, ARCH_DECI)
 # The stand-in FFN of a dropped MLP: 32 columns is the block size of every llama.cpp type that a
 # K- or IQ-quant falls back to, so the zero down projection quantizes without an F16 fallback.
 ZERO_FFN_WIDTH = 32
+OUT_TYPES = ("auto", "F32", "F16", "BF16")
+# "auto": the GGUF type that holds a checkpoint dtype exactly (float64 has none; F32 is the closest).
+AUTO_TYPE_BY_DTYPE = {"float32": "F32", "float64": "F32", "float16": "F16", "bfloat16": "BF16"}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_BYTES_PER_VALUE = {"F32": 4, "F16": 2, "BF16": 2}
 
 # tokenizer.ggml.pre for a byte-level BPE tokenizer, found as llama.cpp's convert_hf_to_gguf.py does:
 # sha256 of the token ids of CHKTXT. Entries copied from llama.cpp (conversion/base.py) for the
@@ -81,6 +111,7 @@ class ExportInfo:
     head_count: list[int]
     head_count_kv: list[int]
     feed_forward_length: list[int]
+    out_type: str = "F32"      # GGUF type of the 2-D weights (norms and biases are F32)
     n_params: int = 0          # elements of all tensors written
     n_standin_params: int = 0  # elements of the all-zero stand-in tensors among them
     tensor_names: dict[str, str] = field(default_factory=dict)  # HF parameter name -> GGUF tensor name
@@ -90,12 +121,15 @@ class ExportInfo:
         return {"arch": self.arch, "block_count": len(self.blocks),
                 "source_layers": [b.layer for b in self.blocks],
                 "head_count": self.head_count, "head_count_kv": self.head_count_kv,
-                "feed_forward_length": self.feed_forward_length,
+                "feed_forward_length": self.feed_forward_length, "out_type": self.out_type,
                 "n_params": self.n_params, "n_standin_params": self.n_standin_params}
 
 
-def plan_blocks(num_layers: int, dropped_attn, dropped_mlp) -> tuple[str, list[Block]]:
-    """The GGUF architecture and block list for a checkpoint with these (checkpoint-numbered) drops."""
+def plan_blocks(num_layers: int, dropped_attn, dropped_mlp, plain_arch: str = ARCH_LLAMA) -> tuple[str, list[Block]]:
+    """The GGUF architecture and block list for a checkpoint with these (checkpoint-numbered) drops.
+
+    `plain_arch` is the family's own architecture, used when every kept block is whole.
+    """
     dropped_attn, dropped_mlp = set(dropped_attn), set(dropped_mlp)
     bad = sorted(i for i in dropped_attn | dropped_mlp if not 0 <= i < num_layers)
     if bad:
@@ -109,11 +143,14 @@ def plan_blocks(num_layers: int, dropped_attn, dropped_mlp) -> tuple[str, list[B
     elif blocks[0].attn == "drop":
         blocks[0] = Block(blocks[0].layer, "zero", blocks[0].mlp)
     plain = all(b.attn == "keep" and b.mlp == "keep" for b in blocks)
-    return (ARCH_LLAMA if plain else ARCH_DECI), blocks
+    return (plain_arch if plain else ARCH_DECI), blocks
 
 
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's rotate-half Q/K row order -> llama.cpp's interleaved order (convert_hf_to_gguf.py's LlamaModel.permute)."""
+def permute_qk(w, n_head: int):
+    """HF's rotate-half Q/K row order -> llama.cpp's interleaved order (convert_hf_to_gguf.py's LlamaModel.permute).
+
+    Works on numpy arrays and torch tensors, on weights (rows) and on bias vectors alike.
+    """
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -134,6 +171,11 @@ def _rope_scaling(cfg: dict) -> Optional[dict]:
         return None
     kind = rs.get("rope_type", rs.get("type", "default"))
     return None if kind in (None, "default") else rs
+
+
+def _rope_kind(cfg: dict) -> Optional[str]:
+    rs = _rope_scaling(cfg)
+    return None if rs is None else rs.get("rope_type", rs.get("type"))
 
 
 def llama3_rope_factors(rs: dict, theta: float, head_dim: int) -> np.ndarray:
@@ -157,183 +199,433 @@ def llama3_rope_factors(rs: dict, theta: float, head_dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def _load_checkpoint(path: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file  # torch, not numpy: numpy has no bfloat16
+@dataclass(frozen=True)
+class _Dims:
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
 
-    from .pruning import read_config_json
-
-    if not (path / "config.json").is_file():
-        raise DropquantError(f"{path}: no config.json; expected a (pruned) Hugging Face checkpoint directory")
-    cfg = read_config_json(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise DropquantError(f"{path}: no *.safetensors weights")
-    state: dict = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return cfg, state
+    @classmethod
+    def of(cls, cfg: dict) -> "_Dims":
+        n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return cls(n_layers=int(cfg["num_hidden_layers"]), n_embd=n_embd, n_head=n_head,
+                   n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+                   head_dim=int(cfg.get("head_dim") or n_embd // n_head),
+                   n_ff=int(cfg["intermediate_size"]), n_vocab=int(cfg["vocab_size"]))
 
 
-def _np(t) -> np.ndarray:
-    if isinstance(t, np.ndarray):
-        return t.astype(np.float32, copy=False)
-    return t.detach().to("cpu").float().numpy()
+# --- tensor sources: shapes and dtypes without loading; one tensor loaded at a time ------------------
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class StateDictTensors:
+    """An in-memory state dict (torch tensors or numpy arrays) seen through the exporter's source interface."""
+
+    def __init__(self, state: Mapping[str, Any]):
+        self._state = state
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        t = self._state[key]
+        return tuple(t.shape), _dtype_name(t)
+
+    def load(self, key: str):
+        import torch
+
+        t = self._state[key]
+        return torch.from_numpy(np.asarray(t)) if isinstance(t, np.ndarray) else t.detach()
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsTensors:
+    """A checkpoint directory's tensors (dropquant.checkpoint: headers up front, one tensor per read)."""
+
+    def __init__(self, directory: str | Path):
+        from .checkpoint import Checkpoint
+
+        self._checkpoint = Checkpoint(directory)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._checkpoint
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        raw = self._checkpoint.dtype(key)
+        return tuple(self._checkpoint.shape(key)), _SAFETENSORS_DTYPES.get(raw, raw)
+
+    def load(self, key: str):
+        return self._checkpoint.get(key)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "SafetensorsTensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- the file plan: every tensor described before any is loaded ------------------------------------
+
+@dataclass
+class _Tensor:
+    name: str                   # GGUF name
+    shape: tuple[int, ...]      # row-major (torch) order
+    load: Callable[[], Any]     # -> torch tensor of `shape`, any float dtype, already in llama.cpp's row order
+    source: Optional[str]       # checkpoint tensor it comes from; None for a stand-in or a derived tensor
+    standin: bool = False       # an all-zero/all-one stand-in (counted apart from the model's own weights)
+
+    @property
+    def matrix(self) -> bool:
+        return len(self.shape) == 2
+
+
+def _from_source(src, key: str, transform: Optional[Callable]) -> Callable[[], Any]:
+    if transform is None:
+        return lambda: src.load(key)
+    return lambda: transform(src.load(key))
+
+
+def _filled(shape: tuple[int, ...], value: float) -> Callable[[], Any]:
+    def make():
+        import torch
+
+        return torch.full(shape, value, dtype=torch.float32)
+    return make
+
+
+class _FilePlan:
+    """The file's tensors in write order, checked against the config's shapes from metadata alone."""
+
+    def __init__(self, arch: str, n_blocks: int, src):
+        import gguf
+
+        self.tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_blocks)
+        self.src = src
+        self.tensors: list[_Tensor] = []
+
+    def _gguf_name(self, hf_name: str, block: Optional[int]) -> str:
+        lookup = hf_name if block is None else f"model.layers.{block}.{hf_name}"
+        gname = self.tmap.get_name(lookup, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise DropquantError(f"GGUF export: no GGUF name for tensor {lookup}")
+        return gname
+
+    def take(self, hf_name: str, block: Optional[int], key: str, shape: tuple[int, ...],
+             transform: Optional[Callable] = None) -> None:
+        """A checkpoint tensor (`key`), written as `hf_name` of GGUF block `block`."""
+        if key not in self.src:
+            raise DropquantError(f"pruned checkpoint: tensor {key} is missing (does config 'dropquant' match the weights?)")
+        got = self.src.meta(key)[0]
+        if got != shape:
+            raise DropquantError(f"pruned checkpoint: tensor {key} has shape {list(got)}, but the config implies "
+                                 f"{list(shape)}")
+        self.tensors.append(_Tensor(self._gguf_name(hf_name, block), shape, _from_source(self.src, key, transform), key))
+
+    def standin(self, hf_name: str, block: int, shape: tuple[int, ...], value: float) -> None:
+        self.tensors.append(_Tensor(self._gguf_name(hf_name, block), shape, _filled(shape, value), None, standin=True))
+
+    def derived(self, gguf_name: str, make: Callable[[], Any], shape: tuple[int, ...]) -> None:
+        self.tensors.append(_Tensor(gguf_name, shape, make, None))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the per-block tensor planning needs to know about the model and the target architecture."""
+
+    arch: str
+    family: Family
+    dims: _Dims
+    biased: tuple[str, ...]   # projections with a bias tensor (Qwen2: q, k, v)
+
+    @property
+    def permute(self) -> bool:
+        return self.arch in NORM_ROPE_ARCHS
+
+
+def _plan_attention(plan: _FilePlan, lay: _Layout, b: int, blk: Block) -> None:
+    d, src = lay.dims, f"model.layers.{blk.layer}."
+    q_rows, kv_rows = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
+    if blk.attn == "keep":
+        plan.take("input_layernorm.weight", b, src + "input_layernorm.weight", (d.n_embd,))
+        rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}
+        heads = {"q_proj": d.n_head, "k_proj": d.n_head_kv}
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            # The rotation acts on q + bias, so a bias is permuted exactly as its rows are.
+            turn = (lambda t, n=heads[proj]: permute_qk(t, n)) if lay.permute and proj in heads else None
+            plan.take(f"self_attn.{proj}.weight", b, src + f"self_attn.{proj}.weight", (rows[proj], d.n_embd), turn)
+            if proj in lay.biased:
+                plan.take(f"self_attn.{proj}.bias", b, src + f"self_attn.{proj}.bias", (rows[proj],), turn)
+        if lay.family.qk_norm:
+            if lay.permute:  # would need the norm weights permuted too; check_gguf_expressible rules this out
+                raise DropquantError(f"GGUF export: q/k norms cannot be written for the {lay.arch} architecture")
+            for norm in ("q_norm", "k_norm"):
+                plan.take(f"self_attn.{norm}.weight", b, src + f"self_attn.{norm}.weight", (d.head_dim,))
+        plan.take("self_attn.o_proj.weight", b, src + "self_attn.o_proj.weight", (d.n_embd, q_rows))
+        if "o_proj" in lay.biased:
+            plan.take("self_attn.o_proj.bias", b, src + "self_attn.o_proj.bias", (d.n_embd,))
+    elif blk.attn == "zero":
+        plan.standin("input_layernorm.weight", b, (d.n_embd,), 1.0)
+        plan.standin("self_attn.o_proj.weight", b, (d.n_embd, d.n_embd), 0.0)
+    elif blk.attn == "zero_kv":
+        plan.standin("input_layernorm.weight", b, (d.n_embd,), 1.0)
+        plan.standin("self_attn.q_proj.weight", b, (q_rows, d.n_embd), 0.0)
+        plan.standin("self_attn.k_proj.weight", b, (d.head_dim, d.n_embd), 0.0)
+        plan.standin("self_attn.v_proj.weight", b, (d.head_dim, d.n_embd), 0.0)
+        plan.standin("self_attn.o_proj.weight", b, (d.n_embd, q_rows), 0.0)
+
+
+def _plan_mlp(plan: _FilePlan, lay: _Layout, b: int, blk: Block) -> None:
+    d, src = lay.dims, f"model.layers.{blk.layer}."
+    if blk.mlp == "keep":
+        plan.take("post_attention_layernorm.weight", b, src + "post_attention_layernorm.weight", (d.n_embd,))
+        plan.take("mlp.gate_proj.weight", b, src + "mlp.gate_proj.weight", (d.n_ff, d.n_embd))
+        plan.take("mlp.up_proj.weight", b, src + "mlp.up_proj.weight", (d.n_ff, d.n_embd))
+        plan.take("mlp.down_proj.weight", b, src + "mlp.down_proj.weight", (d.n_embd, d.n_ff))
+    else:
+        plan.standin("post_attention_layernorm.weight", b, (d.n_embd,), 1.0)
+        plan.standin("mlp.gate_proj.weight", b, (ZERO_FFN_WIDTH, d.n_embd), 0.0)
+        plan.standin("mlp.up_proj.weight", b, (ZERO_FFN_WIDTH, d.n_embd), 0.0)
+        plan.standin("mlp.down_proj.weight", b, (d.n_embd, ZERO_FFN_WIDTH), 0.0)
+
+
+def _plan_file(src, lay: _Layout, blocks: list[Block], cfg: dict) -> _FilePlan:
+    import gguf
+
+    d = lay.dims
+    plan = _FilePlan(lay.arch, len(blocks), src)
+    plan.take("model.embed_tokens.weight", None, "model.embed_tokens.weight", (d.n_vocab, d.n_embd))
+    for b, blk in enumerate(blocks):
+        _plan_attention(plan, lay, b, blk)
+        _plan_mlp(plan, lay, b, blk)
+    plan.take("model.norm.weight", None, "model.norm.weight", (d.n_embd,))
+    # A tied head is llama.cpp's default: without output.weight every architecture here reuses token_embd.
+    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in src
+    if not tied:
+        plan.take("lm_head.weight", None, "lm_head.weight", (d.n_vocab, d.n_embd))
+    if _rope_kind(cfg) == "llama3":
+        def factors():
+            import torch
+
+            return torch.from_numpy(llama3_rope_factors(_rope_scaling(cfg), _rope_theta(cfg), d.head_dim))
+        plan.derived(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, (d.head_dim // 2,))
+    return plan
+
+
+# --- types and encoding -----------------------------------------------------------------------------
+
+def _weight_type(out_type: str, plan: _FilePlan) -> str:
+    """The GGUF type of the 2-D weights: `out_type`, or for "auto" the one that holds the checkpoint's dtype."""
+    if out_type != "auto":
+        return out_type
+    dtypes = sorted({plan.src.meta(t.source)[1] for t in plan.tensors if t.source is not None and t.matrix})
+    if len(dtypes) > 1:
+        log.info("2-D weights in several dtypes %s: writing F32, which holds each of them exactly", dtypes)
+        return "F32"
+    dtype = dtypes[0] if dtypes else "float32"
+    if dtype not in AUTO_TYPE_BY_DTYPE:
+        raise DropquantError(f"GGUF export: the checkpoint's 2-D weights are {dtype}; out_type 'auto' handles "
+                             f"{', '.join(AUTO_TYPE_BY_DTYPE)}. Convert the checkpoint to one of those first")
+    return AUTO_TYPE_BY_DTYPE[dtype]
+
+
+def _encode(t, qtype: str) -> np.ndarray:
+    """A float tensor as the bytes of GGUF type `qtype` (F32, F16 or BF16), without an f32 round trip where none is needed."""
+    import gguf
+    import torch
+
+    t = t.detach().cpu()
+    if qtype == "BF16" and t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy()  # the source's bits, exactly
+    if qtype == "F16" and t.dtype == torch.float16:
+        return t.contiguous().numpy()
+    a = t.to(torch.float32).contiguous().numpy()  # exact from float16 and bfloat16
+    if qtype == "F32":
+        return a
+    # F16: numpy's round-to-nearest-even; BF16: ggml's own rounding (ggml_compute_fp32_to_bf16), as the converter does.
+    return gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
+
+
+def _write_tensor(w, t: _Tensor, qtype: str) -> None:
+    """Load, convert and write one tensor; everything it held is released on return."""
+    value = t.load()
+    if tuple(value.shape) != t.shape:
+        raise DropquantError(f"GGUF export: tensor {t.name} loaded with shape {list(value.shape)}, "
+                             f"expected {list(t.shape)}")
+    w.write_tensor_data(_encode(value, qtype))
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def _check_request(cfg: dict, dropped_attn, dropped_mlp, out_type: str, tokenizer_gguf, tokenizer_dir,
+                   name: str) -> Family:
+    """Everything that can be refused from the config and arguments alone, before any tensor is opened."""
+    family = family_of(cfg, name)
+    check_gguf_expressible(cfg, dropped_attn, dropped_mlp, name)
+    if out_type not in OUT_TYPES:
+        raise DropquantError(f"GGUF export writes F32, F16, BF16 or auto (the checkpoint's dtype); got {out_type!r}. "
+                             "Other types come from the quantizer")
+    if (tokenizer_gguf is None) == (tokenizer_dir is None):
+        raise DropquantError("GGUF export needs exactly one tokenizer source: a GGUF file or a Hugging Face directory")
+    kind = _rope_kind(cfg)
+    if kind not in (None, "linear", "llama3"):
+        raise DropquantError(f"GGUF export: rope scaling '{kind}' is not supported yet (supported: none, linear, llama3)")
+    if kind == "llama3" and family.gguf_arch != ARCH_LLAMA:
+        raise DropquantError(f"GGUF export: llama3 rope scaling on a {family.model_type} model has no form in "
+                             f"llama.cpp's {family.gguf_arch} architecture")
+    if cfg.get("use_sliding_window"):
+        raise DropquantError(f"{name}: sliding-window attention (use_sliding_window) is not computed by llama.cpp's "
+                             f"{family.gguf_arch} architecture; the GGUF would differ from the model")
+    d = _Dims.of(cfg)
+    if family.gguf_arch == ARCH_QWEN2 and d.n_head * d.head_dim != d.n_embd:
+        # llama.cpp's qwen2 loads attn_q and attn_output as n_embd x n_embd (src/models/qwen2.cpp).
+        raise DropquantError(f"{name}: head_dim {d.head_dim} x {d.n_head} heads != hidden_size {d.n_embd}, which "
+                             "llama.cpp's qwen2 architecture requires")
+    return family
+
+
+def _add_hparams(w, info: ExportInfo, cfg: dict, d: _Dims, weight_type: str, name: str) -> None:
+    import gguf
+
+    w.add_name(name)
+    w.add_vocab_size(d.n_vocab)
+    w.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
+    w.add_embedding_length(d.n_embd)
+    w.add_block_count(len(info.blocks))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_rope_dimension_count(d.head_dim)
+    if d.head_dim != d.n_embd // d.n_head:
+        w.add_key_length(d.head_dim)
+        w.add_value_length(d.head_dim)
+    if _rope_kind(cfg) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(_rope_scaling(cfg)["factor"]))
+    if info.arch == ARCH_DECI:
+        w.add_head_count(info.head_count)
+        w.add_head_count_kv(info.head_count_kv)
+        w.add_feed_forward_length(info.feed_forward_length)
+    else:
+        w.add_head_count(d.n_head)
+        w.add_head_count_kv(d.n_head_kv)
+        w.add_feed_forward_length(d.n_ff)
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "BF16": gguf.LlamaFileType.MOSTLY_BF16}[weight_type])
+
+
+def _account(info: ExportInfo, plan: _FilePlan) -> None:
+    for t in plan.tensors:
+        if t.source is not None:
+            info.tensor_names[t.source] = t.name
+        elif not t.standin:
+            continue  # derived (rope_freqs): not a parameter of the model
+        n = int(np.prod(t.shape))
+        info.n_params += n
+        if t.standin:
+            info.n_standin_params += n
+            if t.matrix:
+                info.standin_columns[t.name] = t.shape[1]
+
+
+def _write(out: str | Path, src, cfg: dict, family: Family, dropped_attn, dropped_mlp, *, tokenizer_gguf,
+           tokenizer_dir, out_type: str, name: str) -> ExportInfo:
+    import gguf
+
+    d = _Dims.of(cfg)
+    arch, blocks = plan_blocks(d.n_layers, dropped_attn, dropped_mlp, plain_arch=family.gguf_arch)
+    plan = _plan_file(src, _Layout(arch, family, d, biased_projections(cfg)), blocks, cfg)
+    weight_type = _weight_type(out_type, plan)
+    info = ExportInfo(arch, blocks,
+                      head_count=[0 if b.attn == "drop" else d.n_head for b in blocks],
+                      head_count_kv=[{"keep": d.n_head_kv, "zero_kv": 1}.get(b.attn, 0) for b in blocks],
+                      feed_forward_length=[d.n_ff if b.mlp == "keep" else ZERO_FFN_WIDTH for b in blocks],
+                      out_type=weight_type)
+    _account(info, plan)
+    log.info("GGUF layout: %s (%s weights), %d blocks from %d layers (%d attention-free, %d zero-FFN)", arch,
+             weight_type, len(blocks), d.n_layers, sum(b.attn != "keep" for b in blocks),
+             sum(b.mlp == "zero" for b in blocks))
+
+    qtypes = [weight_type if t.matrix else "F32" for t in plan.tensors]
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            _add_hparams(w, info, cfg, d, weight_type, name)
+            if tokenizer_gguf is not None:
+                copy_tokenizer(w, tokenizer_gguf)
+            else:
+                add_hf_tokenizer(w, Path(tokenizer_dir), d.n_vocab)
+            for t, q in zip(plan.tensors, qtypes):
+                # Described only: the data follows tensor by tensor once the index is written.
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), int(np.prod(t.shape)) * _BYTES_PER_VALUE[q],
+                                  raw_dtype=gguf.GGMLQuantizationType[q])
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for t, q in zip(plan.tensors, qtypes):
+                _write_tensor(w, t, q)
+        finally:
+            w.close()
+    return info
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer_gguf: Optional[str | Path] = None,
-                      out_type: str = "F32", name: Optional[str] = None) -> ExportInfo:
-    """A pruned (or plain) HF checkpoint directory -> GGUF. Tokenizer from `tokenizer_gguf` if given, else the directory."""
+                      out_type: str = "auto", name: Optional[str] = None) -> ExportInfo:
+    """A pruned (or plain) HF checkpoint directory -> GGUF, streamed: one tensor in memory at a time.
+
+    Tokenizer from `tokenizer_gguf` if given, else the directory. `out_type` "auto" keeps the weights' dtype.
+    """
+    from .pruning import read_config_json
+
     checkpoint = Path(checkpoint)
-    cfg, state = _load_checkpoint(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise DropquantError(f"{checkpoint}: no config.json; expected a (pruned) Hugging Face checkpoint directory")
+    cfg = read_config_json(checkpoint)
     drop = cfg.get("dropquant") or {}
-    return write_gguf(out, state, cfg, drop.get("dropped_attn", []), drop.get("dropped_mlp", []),
-                      tokenizer_gguf=tokenizer_gguf, tokenizer_dir=None if tokenizer_gguf else checkpoint,
+    attn, mlp = drop.get("dropped_attn", []), drop.get("dropped_mlp", [])
+    tokenizer_dir = None if tokenizer_gguf else checkpoint
+    family = _check_request(cfg, attn, mlp, out_type, tokenizer_gguf, tokenizer_dir, str(checkpoint))
+    with SafetensorsTensors(checkpoint) as src:
+        return _write(out, src, cfg, family, attn, mlp, tokenizer_gguf=tokenizer_gguf, tokenizer_dir=tokenizer_dir,
                       out_type=out_type, name=name or cfg.get("_name_or_path") or checkpoint.name)
 
 
 def export_model(model, out: str | Path, *, tokenizer_gguf: Optional[str | Path] = None,
-                 tokenizer_dir: Optional[str | Path] = None, out_type: str = "F32", name: str = "model") -> ExportInfo:
-    """A loaded (pruned or plain) torch Llama -> GGUF; the drops come from its config's "dropquant" record."""
+                 tokenizer_dir: Optional[str | Path] = None, out_type: str = "auto", name: str = "model") -> ExportInfo:
+    """A loaded (pruned or plain) torch model -> GGUF; the drops come from its config's "dropquant" record.
+
+    The same writer as export_checkpoint: the file is byte-identical to exporting the model saved by save_pruned.
+    """
     record = getattr(model.config, "dropquant", None) or {}
     return write_gguf(out, model.state_dict(), model.config, record.get("dropped_attn", []),
                       record.get("dropped_mlp", []), tokenizer_gguf=tokenizer_gguf, tokenizer_dir=tokenizer_dir,
                       out_type=out_type, name=name)
 
 
-def write_gguf(out: str | Path, state: Mapping[str, Any], config: Any, dropped_attn=(), dropped_mlp=(), *,
-               tokenizer_gguf: Optional[str | Path] = None, tokenizer_dir: Optional[str | Path] = None,
-               out_type: str = "F32", name: str = "model") -> ExportInfo:
+def write_gguf(out: str | Path, state: Mapping[str, Any] | StateDictTensors | SafetensorsTensors, config: Any,
+               dropped_attn=(), dropped_mlp=(), *, tokenizer_gguf: Optional[str | Path] = None,
+               tokenizer_dir: Optional[str | Path] = None, out_type: str = "auto", name: str = "model") -> ExportInfo:
     """Write `state` (HF parameter names; dropped modules absent) as a GGUF llama.cpp computes exactly.
 
-    `dropped_attn` / `dropped_mlp` index the checkpoint's layers. `out_type` is F32 or F16 (2-D weights;
-    norms stay F32, as llama.cpp's converter does). Exactly one tokenizer source must be given.
+    `state` is a state dict or a tensor source (SafetensorsTensors streams a checkpoint). `dropped_attn` /
+    `dropped_mlp` index the checkpoint's layers. `out_type` is F32, F16, BF16 (2-D weights; norms and biases
+    stay F32, as llama.cpp's converter does) or auto (the weights' own dtype). Exactly one tokenizer source
+    must be given.
     """
-    import gguf
-
     cfg = _cfg(config)
-    if cfg.get("model_type") not in ("llama", "mistral"):
-        raise DropquantError(f"GGUF export supports llama/mistral checkpoints, not '{cfg.get('model_type')}'")
-    if out_type not in ("F32", "F16"):
-        raise DropquantError(f"GGUF export writes F32 or F16 (got {out_type}); other types come from the quantizer")
-    if (tokenizer_gguf is None) == (tokenizer_dir is None):
-        raise DropquantError("GGUF export needs exactly one tokenizer source: a GGUF file or a Hugging Face directory")
-    rs = _rope_scaling(cfg)
-    rope_kind = None if rs is None else rs.get("rope_type", rs.get("type"))
-    if rope_kind not in (None, "linear", "llama3"):
-        raise DropquantError(f"GGUF export: rope scaling '{rope_kind}' is not supported yet (supported: none, linear, llama3)")
-
-    n_layers = int(cfg["num_hidden_layers"])
-    n_embd = int(cfg["hidden_size"])
-    n_head = int(cfg["num_attention_heads"])
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
-    head_dim = int(cfg.get("head_dim") or n_embd // n_head)
-    n_ff = int(cfg["intermediate_size"])
-    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in state
-
-    arch, blocks = plan_blocks(n_layers, dropped_attn, dropped_mlp)
-    info = ExportInfo(arch, blocks,
-                      head_count=[0 if b.attn == "drop" else n_head for b in blocks],
-                      head_count_kv=[{"keep": n_head_kv, "zero_kv": 1}.get(b.attn, 0) for b in blocks],
-                      feed_forward_length=[n_ff if b.mlp == "keep" else ZERO_FFN_WIDTH for b in blocks])
-    log.info("GGUF layout: %s, %d blocks from %d layers (%d attention-free, %d zero-FFN)", arch, len(blocks), n_layers,
-             sum(b.attn != "keep" for b in blocks), sum(b.mlp == "zero" for b in blocks))
-
-    model_arch = gguf.MODEL_ARCH.LLAMA if arch == ARCH_LLAMA else gguf.MODEL_ARCH.DECI
-    tmap = gguf.get_tensor_name_map(model_arch, len(blocks))
-    w = gguf.GGUFWriter(str(out), arch)
-
-    w.add_name(name)
-    w.add_vocab_size(int(cfg["vocab_size"]))
-    w.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
-    w.add_embedding_length(n_embd)
-    w.add_block_count(len(blocks))
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
-    w.add_rope_freq_base(_rope_theta(cfg))
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != n_embd // n_head:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    if rope_kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rs["factor"]))
-    if arch == ARCH_LLAMA:
-        w.add_head_count(n_head)
-        w.add_head_count_kv(n_head_kv)
-        w.add_feed_forward_length(n_ff)
-    else:
-        w.add_head_count(info.head_count)
-        w.add_head_count_kv(info.head_count_kv)
-        w.add_feed_forward_length(info.feed_forward_length)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if out_type == "F32" else gguf.LlamaFileType.MOSTLY_F16)
-
-    if tokenizer_gguf is not None:
-        copy_tokenizer(w, tokenizer_gguf)
-    else:
-        add_hf_tokenizer(w, Path(tokenizer_dir), int(cfg["vocab_size"]))
-
-    def put(hf_name: str, block: Optional[int], array: np.ndarray, source: Optional[str] = None) -> None:
-        """Add one tensor under its GGUF name; `source` is the checkpoint tensor it came from (None: a stand-in)."""
-        lookup = hf_name if block is None else f"model.layers.{block}.{hf_name}"
-        gname = tmap.get_name(lookup, try_suffixes=(".weight",))
-        if gname is None:
-            raise DropquantError(f"GGUF export: no GGUF name for tensor {lookup}")
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if out_type == "F16" and array.ndim == 2:
-            array = array.astype(np.float16)
-        w.add_tensor(gname, array)
-        info.n_params += array.size
-        if source is None:
-            info.n_standin_params += array.size
-            if array.ndim == 2:
-                info.standin_columns[gname] = array.shape[1]
-        else:
-            info.tensor_names[source] = gname
-
-    def take(key: str, transform=None) -> tuple[np.ndarray, str]:
-        if key not in state:
-            raise DropquantError(f"pruned checkpoint: tensor {key} is missing (does config 'dropquant' match the weights?)")
-        array = _np(state[key])
-        return (transform(array) if transform else array), key
-
-    put("model.embed_tokens.weight", None, *take("model.embed_tokens.weight"))
-    for b, blk in enumerate(blocks):
-        src = f"model.layers.{blk.layer}."
-        if blk.attn == "keep":
-            put("input_layernorm.weight", b, *take(src + "input_layernorm.weight"))
-            put("self_attn.q_proj.weight", b, *take(src + "self_attn.q_proj.weight", lambda a: permute_qk(a, n_head)))
-            put("self_attn.k_proj.weight", b, *take(src + "self_attn.k_proj.weight", lambda a: permute_qk(a, n_head_kv)))
-            for proj in ("v_proj", "o_proj"):
-                put(f"self_attn.{proj}.weight", b, *take(src + f"self_attn.{proj}.weight"))
-        elif blk.attn == "zero":
-            put("input_layernorm.weight", b, np.ones(n_embd, np.float32))
-            put("self_attn.o_proj.weight", b, np.zeros((n_embd, n_embd), np.float32))
-        elif blk.attn == "zero_kv":
-            put("input_layernorm.weight", b, np.ones(n_embd, np.float32))
-            put("self_attn.q_proj.weight", b, np.zeros((n_head * head_dim, n_embd), np.float32))
-            put("self_attn.k_proj.weight", b, np.zeros((head_dim, n_embd), np.float32))
-            put("self_attn.v_proj.weight", b, np.zeros((head_dim, n_embd), np.float32))
-            put("self_attn.o_proj.weight", b, np.zeros((n_embd, n_head * head_dim), np.float32))
-        if blk.mlp == "keep":
-            put("post_attention_layernorm.weight", b, *take(src + "post_attention_layernorm.weight"))
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                put(f"mlp.{proj}.weight", b, *take(src + f"mlp.{proj}.weight"))
-        else:
-            put("post_attention_layernorm.weight", b, np.ones(n_embd, np.float32))
-            put("mlp.gate_proj.weight", b, np.zeros((ZERO_FFN_WIDTH, n_embd), np.float32))
-            put("mlp.up_proj.weight", b, np.zeros((ZERO_FFN_WIDTH, n_embd), np.float32))
-            put("mlp.down_proj.weight", b, np.zeros((n_embd, ZERO_FFN_WIDTH), np.float32))
-    put("model.norm.weight", None, *take("model.norm.weight"))
-    if not tied:
-        put("lm_head.weight", None, *take("lm_head.weight"))
-    if rope_kind == "llama3":
-        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                     llama3_rope_factors(rs, _rope_theta(cfg), head_dim))
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return info
+    family = _check_request(cfg, dropped_attn, dropped_mlp, out_type, tokenizer_gguf, tokenizer_dir, name)
+    src = state if isinstance(state, (StateDictTensors, SafetensorsTensors)) else StateDictTensors(state)
+    return _write(out, src, cfg, family, dropped_attn, dropped_mlp, tokenizer_gguf=tokenizer_gguf,
+                  tokenizer_dir=tokenizer_dir, out_type=out_type, name=name)
 
 
 # --- tokenizer -----------------------------------------------------------------------------------

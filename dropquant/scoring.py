@@ -89,12 +89,15 @@ class SpanScores:
         unit = (h.float() / _norm(h).clamp_min(1e-12).unsqueeze(-1)).reshape(-1, self.hidden).half().cpu()
         self._file.seek(self._offset(k, token))
         self._file.write(unit.numpy().tobytes())
+        # One earlier boundary at a time: memory stays one chunk, however deep the model.
         for c in range(0, unit.shape[0], self.chunk):
             mine = unit[c:c + self.chunk].float()
-            others = torch.from_numpy(np.stack([self._read(j, token + c, mine.shape[0]) for j in range(k + 1)])).float()
-            row = angular(torch.einsum("td,jtd->jt", mine, others)).sum(1, dtype=torch.float64)
-            self.span[k, :k + 1] += row
-            self.span[:k, k] += row[:k]
+            for j in range(k + 1):
+                other = torch.from_numpy(self._read(j, token + c, mine.shape[0])).float()
+                d = angular(torch.linalg.vecdot(mine, other)).sum(dtype=torch.float64)
+                self.span[k, j] += d
+                if j < k:
+                    self.span[j, k] += d
 
     def batch(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
         n = x.shape[0] * x.shape[1]

@@ -19,41 +19,12 @@ from dropquant.gguf_export import (ARCH_DECI, ARCH_LLAMA, ZERO_FFN_WIDTH, export
                                    plan_blocks)
 from dropquant.pruning import prune_model, save_pruned
 from dropquant.quantization import kv_cache_mib, quantize_gguf
-from dropquant.selection import DropPlan
+from tests.gguf_helpers import (L, Q8_KL_BOUND_EMBEDDED, VOCAB, check_q8_0_runs, kl_divergence, llama_logits, plan,
+                                tiny_llama, torch_logits, torch_params)
 
 torch.set_num_threads(2)
-GGML_TYPE_F32 = 0
 TEXT = ("The history of the city begins in 1821, when a small group of settlers built a mill by the river. "
         "def add(a, b):\n    return a + b  # 42 🦙\nBy 1900 it had 12,000 inhabitants.")
-L = 6
-# Q8_0 (weights and, in llama.cpp's CPU matmuls, activations in 8-bit blocks) is not exact. Bounds from
-# measurements (docs/quantize.md): SmolLM2 unpruned 4.1e-3 nats over 512 wikitext tokens, 5e-3..1.3e-2 with
-# 4 modules dropped, against 6e-2..2e-1 at Q4_K_M; a layout error costs > 1 nat. The tiny random model is
-# chaotic (large random weights amplify rounding): 1.4e-3..1.6e-2 measured, Q4_K_M 5e-2..4e-1.
-Q8_KL_BOUND_EMBEDDED = 0.03
-Q8_KL_BOUND_TINY = 0.05
-VOCAB = 49152  # the embedded model's tokenizer, reused so the tiny GGUF is a complete, runnable file
-
-
-def tiny_llama(seed=0, layers=L, tie=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
-                         initializer_range=0.2)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms away from 1 so a missing or misplaced norm shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
-def plan(attn=(), mlp=(), blocks=(), layers=L, method="explicit"):
-    return DropPlan(method=method, n=len(attn) + len(mlp) + len(blocks), selection="explicit",
-                    attn=sorted(attn), mlp=sorted(mlp), blocks=sorted(blocks), num_layers=layers)
 
 
 TINY_PLANS = {
@@ -65,34 +36,6 @@ TINY_PLANS = {
     "attn5_high": plan(attn=[0, 1, 2, 3, 4]),
     "joint9_high": plan(attn=[0, 1, 2, 4, 5], mlp=[0, 2, 3, 5]),
 }
-
-
-def llama_logits(path, ids, **kw):
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=max(64, len(ids)), n_batch=512, n_threads=2,
-                          verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, **kw)
-    try:
-        llm.eval(list(ids))
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
-
-
-def torch_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].double().numpy()
-
-
-def kl_divergence(ref, got):
-    """Mean over positions of KL(softmax(ref) || softmax(got)), in nats."""
-    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-    lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-
-
-def torch_params(model):
-    return sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
 
 
 # --- layout -----------------------------------------------------------------------------------------
@@ -108,22 +51,6 @@ def test_plan_blocks_layouts():
         plan_blocks(2, [0, 1], [0, 1])
     # No attention left: llama.cpp needs a KV cache of some size, so the first block keeps a zero one.
     assert [b.attn for b in plan_blocks(3, [0, 1, 2], [1])[1]] == ["zero_kv", "drop"]
-
-
-def check_q8_0_runs(path, tmp_path, ref, ids):
-    """The F32 file quantized to Q8_0 stays close to the torch logits and generates in llama.cpp."""
-    import llama_cpp
-
-    q8 = tmp_path / "model.Q8_0.gguf"
-    quantize_gguf(path, q8, "Q8_0")
-    kl = kl_divergence(ref, llama_logits(q8, ids))
-    assert kl < Q8_KL_BOUND_TINY, f"Q8_0 KL divergence {kl:.2e}"
-    llm = llama_cpp.Llama(str(q8), n_ctx=128, n_threads=2, verbose=False)
-    try:
-        out = llm.create_completion("Once upon a time", max_tokens=6, temperature=0.0)
-        assert out["usage"]["completion_tokens"] >= 1
-    finally:
-        llm.close()
 
 
 # --- exact parity on a tiny random Llama -----------------------------------------------------------
@@ -278,7 +205,7 @@ def test_bad_inputs_are_refused(tmp_path, tokenizer_gguf):
     from dropquant.gguf_export import write_gguf
 
     model = tiny_llama()
-    with pytest.raises(DropquantError, match="F32 or F16"):
+    with pytest.raises(DropquantError, match="F32, F16, BF16 or auto"):
         export_model(model, tmp_path / "x.gguf", tokenizer_gguf=tokenizer_gguf, out_type="Q4_0")
     with pytest.raises(DropquantError, match="exactly one tokenizer"):
         export_model(model, tmp_path / "x.gguf")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dropquant.scoring import score_model
+from tests.conftest import FAMILIES, make_tiny
 
 
 def reference_scores(model, input_ids):
@@ -47,7 +48,9 @@ def tokens():
     return torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
 
 
-def test_scores_match_hand_computed_reference(tiny_llama, tokens):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_match_hand_computed_reference(family, tokens):
+    tiny_llama = make_tiny(family)
     got = score_model(tiny_llama, tokens, batch_size=4, progress=False)
     ref_cos, ref_span = reference_scores(tiny_llama, tokens)
     assert got["n_tokens"] == tokens.numel()
