@@ -140,10 +140,10 @@ def score_run(folder: Path, label: str, checkpoint: Path, tokens: Path, *, strea
 
 def summarize(label: str, runs: list[dict], checkpoint: Path) -> Measurement:
     """Median wall time and highest peak of the runs, each made in its own process."""
-    from dropquant.random_model import checkpoint_bytes
+    from dropquant.checkpoint import Checkpoint
 
     m = Measurement(label, statistics.median(r["wall_s"] for r in runs), max(r["peak_bytes"] for r in runs),
-                    min(r["baseline_bytes"] for r in runs), checkpoint_bytes(checkpoint), runs[0]["importance"],
+                    min(r["baseline_bytes"] for r in runs), Checkpoint(checkpoint).total_bytes(), runs[0]["importance"],
                     [r["wall_s"] for r in runs])
     print(m.line(), flush=True)
     return m
@@ -163,12 +163,13 @@ def check_harness(folder: Path) -> bool:
 
 
 def build(folder: Path, layers: int, shape: dict, seed: int) -> Path:
-    from dropquant.random_model import checkpoint_bytes, write_random_checkpoint
+    from dropquant.checkpoint import Checkpoint
+    from dropquant.random_model import write_random_checkpoint
 
     path = folder / f"random-{layers}L-h{shape['hidden']}"
     t0 = time.perf_counter()
     write_random_checkpoint(path, layers=layers, seed=seed, progress=False, **shape)
-    print(f"  built {path.name}: {checkpoint_bytes(path) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s",
+    print(f"  built {path.name}: {Checkpoint(path).total_bytes() / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return path
 

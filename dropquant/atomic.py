@@ -19,7 +19,7 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -59,7 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; outputs should be ordinary files
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes files owner-only; outputs should be ordinary files
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -74,7 +74,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
+from .atomic import umask
 from .errors import DropquantError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -166,6 +168,7 @@ def write_checkpoint(out_dir: Path, sizes: Mapping[str, int], load: Callable[[st
         fname = WEIGHTS_NAME if len(plan) == 1 else f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
         shard = {n: load(n).contiguous() for n in group}
         save_file(shard, str(out_dir / fname), metadata=meta)
+        os.chmod(out_dir / fname, 0o666 & ~umask())  # safetensors creates owner-only files
         del shard
         weight_map.update({n: fname for n in group})
     total = sum(sizes.values())

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .atomic import atomic_dir
+from .checkpoint import Checkpoint, write_checkpoint
 from .errors import DropquantError
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ WEIGHT_STD = 0.02  # transformers' default initializer_range
 NOISE_STD = 0.02  # spread of RMSNorm weights around 1 and of biases around 0, so layers differ
 # Fixed, so a tensor's values do not depend on the shard size or on how many threads fill it.
 CHUNK_ELEMENTS = 1 << 22
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DISK_MARGIN = 1.05  # tokenizer, config and file-system slack on top of the tensor bytes
 
 
@@ -69,6 +67,7 @@ def write_random_checkpoint(out, *, family: str = "llama", layers: int, hidden: 
     object, or None for no tokenizer (then `vocab` is required). `vocab` defaults to the tokenizer's size.
     config_kwargs go to the family's config class as they are (rope_theta, rms_norm_eps, ...)."""
     import torch
+    from tqdm import tqdm
 
     out = Path(out)
     _check_out(out)
@@ -82,16 +81,22 @@ def write_random_checkpoint(out, *, family: str = "llama", layers: int, hidden: 
     specs = tensor_specs(config)
     torch_dtype = getattr(torch, dtype)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    shards = plan_shards(specs, itemsize, shard_bytes)
-    total = sum(s.numel for s in specs) * itemsize
+    if not shard_bytes > 0:
+        raise DropquantError(f"random checkpoint: shard_bytes must be positive, got {shard_bytes}")
+    by_name = {spec.name: spec for spec in specs}
+    sizes = {spec.name: spec.numel * itemsize for spec in specs}
+    total = sum(sizes.values())
     _check_disk(out, total)
-    log.info("writing a random %s checkpoint (%d layers, hidden %d, %s) of %.2f GB in %d shard(s) to %s",
-             family, layers, hidden, dtype, total / 1e9, len(shards), out)
-    with atomic_dir(out) as tmp:
-        weight_map = _write_shards(tmp, shards, torch_dtype, itemsize, total, seed, progress)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    log.info("writing a random %s checkpoint (%d layers, hidden %d, %s) of %.2f GB to %s",
+             family, layers, hidden, dtype, total / 1e9, out)
+    with atomic_dir(out) as tmp, ThreadPoolExecutor(_threads()) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="random weights", disable=not progress) as bar:
+        def draw(name: str):
+            bar.update(sizes[name])
+            return random_tensor(by_name[name], torch_dtype, seed, pool)
+
+        # The checkpoint writer asks for each tensor only when its shard is written: memory stays one shard.
+        write_checkpoint(tmp, sizes, draw, shard_bytes=int(shard_bytes))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -156,57 +161,6 @@ def _kind(name: str, ndim: int) -> str:
     if ndim == 1 and name.endswith(".bias"):
         return "bias"
     raise DropquantError(f"random checkpoint: no rule to fill tensor {name} ({ndim}-D)")
-
-
-def plan_shards(specs: list[TensorSpec], itemsize: int, shard_bytes: float) -> list[list[TensorSpec]]:
-    """Tensors grouped in order into shards of at most shard_bytes (a larger tensor gets a shard of its own).
-
-    Planned before any value is drawn, so each file gets its final -0000K-of-0000N name when written."""
-    if not shard_bytes > 0:
-        raise DropquantError(f"random checkpoint: shard_bytes must be positive, got {shard_bytes}")
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = spec.numel * itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
-    return shards
-
-
-def shard_name(k: int, n: int) -> str:
-    return SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-
-
-def _write_shards(folder: Path, shards, torch_dtype, itemsize: int, total: int, seed: int,
-                  progress: bool) -> dict[str, str]:
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    weight_map = {}
-    # Counted per shard once written: writing takes longer than drawing, so per-tensor ticks would run ahead.
-    with tqdm(total=total, unit="B", unit_scale=True, desc="random weights", disable=not progress) as bar, \
-            ThreadPoolExecutor(_threads()) as pool:
-        for k, shard in enumerate(shards):
-            name = shard_name(k, len(shards))
-            bar.set_postfix_str(name)
-            tensors = {}
-            for spec in shard:
-                tensors[spec.name] = random_tensor(spec, torch_dtype, seed, pool)
-                weight_map[spec.name] = name
-            save_file(tensors, folder / name, metadata={"format": "pt"})
-            os.chmod(folder / name, 0o666 & ~_umask())  # safetensors creates owner-only files
-            bar.update(sum(t.numel() for t in tensors.values()) * itemsize)
-            del tensors  # before the next shard is drawn: memory stays one shard
-    return weight_map
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _threads() -> int:
@@ -296,21 +250,6 @@ def _check_disk(out: Path, nbytes: int) -> None:
                              f"{parent} has {free / 1e9:.1f} GB free")
 
 
-def checkpoint_bytes(path) -> int:
-    """Bytes of tensor data in a checkpoint directory: the index's total_size, or the single file's tensors."""
-    path = Path(path)
-    if (path / INDEX_FILE).is_file():
-        return int(json.loads((path / INDEX_FILE).read_text())["metadata"]["total_size"])
-    from safetensors import safe_open
-
-    with safe_open(path / SINGLE_FILE, "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) * _itemsize(f.get_slice(k).get_dtype()) for k in f.keys())
-
-
-def _itemsize(safetensors_dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[safetensors_dtype]
-
-
 def _parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dropquant.random_model", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="checkpoint directory to write (replaced if it holds a checkpoint)")
@@ -343,7 +282,7 @@ def main(argv=None) -> int:
     except DropquantError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}: {checkpoint_bytes(out) / 1e9:.2f} GB of weights in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {out}: {Checkpoint(out).total_bytes() / 1e9:.2f} GB of weights in {time.perf_counter() - t0:.0f} s")
     return 0
 
 

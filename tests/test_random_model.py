@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from dropquant.errors import DropquantError
-from dropquant.random_model import (INDEX_FILE, SINGLE_FILE, checkpoint_bytes, main, make_config, plan_shards,
-                                    tensor_specs, write_random_checkpoint)
+from dropquant.checkpoint import INDEX_NAME as INDEX_FILE, WEIGHTS_NAME as SINGLE_FILE, Checkpoint
+from dropquant.random_model import main, write_random_checkpoint
 
 TINY = dict(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256, tokenizer_source=None,
             progress=False)
@@ -67,7 +67,7 @@ def test_index_names_every_tensor_in_the_file_that_holds_it(tmp_path):
             found[key] = tensor
     assert set(found) == set(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in found.values())
-    assert checkpoint_bytes(path) == index["metadata"]["total_size"]
+    assert Checkpoint(path).total_bytes() == index["metadata"]["total_size"]
 
 
 def test_same_seed_same_tensors_whatever_the_shard_size(tmp_path):
@@ -79,7 +79,7 @@ def test_same_seed_same_tensors_whatever_the_shard_size(tmp_path):
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
-    assert checkpoint_bytes(one) == checkpoint_bytes(many)
+    assert Checkpoint(one).total_bytes() == Checkpoint(many).total_bytes()
 
 
 def test_values_are_drawn_as_documented(tmp_path):
@@ -114,16 +114,6 @@ def test_tokenizer_is_saved_and_sets_vocab_and_special_ids(tmp_path, hf_tokenize
     assert tok.encode("Hello world") == hf_tokenizer.encode("Hello world")
     with pytest.raises(DropquantError, match="smaller than the tokenizer"):
         write_random_checkpoint(tmp_path / "small", tokenizer_source=hf_tokenizer, vocab=100, **tiny)
-
-
-def test_plan_keeps_each_shard_under_the_limit_but_never_splits_a_tensor():
-    specs = tensor_specs(make_config("llama", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256))
-    shards = plan_shards(specs, 2, 40_000)
-    assert [s for shard in shards for s in shard] == specs
-    for shard in shards:
-        size = sum(s.numel * 2 for s in shard)
-        assert size <= 40_000 or len(shard) == 1
-    assert len(plan_shards(specs, 2, 1e12)) == 1
 
 
 def test_bad_shapes_and_targets_are_refused(tmp_path):
