@@ -67,6 +67,7 @@ class Checkpoint:
         self.path = Path(path)
         self.files = weight_files(self.path)
         self.entries: dict[str, tuple[Path, dict]] = {}
+        self._starts: dict[Path, int] = {}
         for f in self.files:
             for name, entry in read_header(f).items():
                 if name in self.entries:
@@ -106,8 +107,9 @@ class Checkpoint:
         return self.get_many([name])[name]
 
     def get_many(self, names: Iterable[str]) -> dict:
-        """These tensors, each read into memory of its own with plain file reads: no mapping of the file, so
-        the pages read are not charged to this process and nothing but the tensors stays resident."""
+        """These tensors as private (copy-on-write) memory maps of their bytes: no copy is made, a write would
+        never reach the file, and the pages stay charged to this process only while a tensor lives."""
+        import numpy as np
         import torch
 
         names = list(names)
@@ -121,18 +123,22 @@ class Checkpoint:
             dtype = getattr(torch, TORCH_NAMES.get(entry["dtype"], ""), None)
             if dtype is None:
                 raise DropquantError(f"{f}: tensor {n} has dtype {entry['dtype']}, which is not read here")
-            raw = torch.empty(end - start, dtype=torch.uint8)  # not zero-filled: the read overwrites it all
-            with open(f, "rb") as fh:
-                fh.seek(self._data_start(f) + start)
-                if fh.readinto(raw.numpy()) != end - start:
-                    raise DropquantError(f"{f}: tensor {n} is cut off (a truncated download or copy?)")
-            out[n] = raw.view(dtype).reshape(entry["shape"])
+            if end == start:
+                out[n] = torch.empty(entry["shape"], dtype=dtype)
+                continue
+            try:
+                raw = np.memmap(f, dtype=np.uint8, mode="c", offset=self._data_start(f) + start, shape=(end - start,))
+            except ValueError:  # the mapping would run past the end of the file
+                raise DropquantError(f"{f}: tensor {n} is cut off (a truncated download or copy?)") from None
+            out[n] = torch.from_numpy(raw).view(dtype).reshape(entry["shape"])
         return out
 
     def _data_start(self, f: Path) -> int:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-        return 8 + n
+        if f not in self._starts:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+            self._starts[f] = 8 + n
+        return self._starts[f]
 
     def with_prefix(self, prefix: str) -> list[str]:
         return [n for n in self.entries if n.startswith(prefix)]

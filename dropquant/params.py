@@ -13,6 +13,7 @@ from .errors import DropquantError
 DROP_METHODS = ("none", "attn", "mlp", "block", "joint")
 SELECTIONS = ("importance", "random", "reverse", "contiguous")
 SCORE_METRICS = ("cosine", "angular")
+FIDELITY_CHUNK = 512
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # llama.cpp's file types, as its quantize tool names them.
 QUANT_TYPES = (
@@ -106,6 +107,14 @@ class EvalParams(_Section):
             raise ValueError(f"speed_max_rounds ({self.speed_max_rounds}) must be >= speed_rounds "
                              f"({self.speed_rounds})")
         return self
+
+    @field_validator("fidelity_tokens")
+    @classmethod
+    def _whole_chunks(cls, v):
+        # Fidelity is scored in chunks of FIDELITY_CHUNK tokens (dropquant/evaluation/fidelity.py, as llama-perplexity).
+        if 0 < v < FIDELITY_CHUNK:
+            raise ValueError(f"must be 0 (off) or at least {FIDELITY_CHUNK}: one chunk of held-out text")
+        return v
 
     @field_validator("fewshot")
     @classmethod

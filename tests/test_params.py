@@ -112,3 +112,13 @@ def test_missing_model_paths_are_refused(tmp_path):
         resolve_source(str(tmp_path / "missing.gguf"))
     with pytest.raises(DropquantError, match="no config.json"):
         resolve_source(str(tmp_path))
+
+
+def test_fidelity_tokens_below_one_chunk_refused_before_any_work():
+    from dropquant.evaluation.fidelity import FIDELITY_CTX
+    from dropquant.params import FIDELITY_CHUNK
+
+    assert FIDELITY_CHUNK == FIDELITY_CTX
+    with pytest.raises(DropquantError, match="eval.fidelity_tokens: Value error, must be 0 \\(off\\) or at least 512"):
+        parse_params({"eval": {"fidelity_tokens": 256}})
+    assert parse_params({"eval": {"fidelity_tokens": 0}}).eval.fidelity_tokens == 0
