@@ -41,19 +41,7 @@ def make_tiny(family: str = "llama", seed: int = 0, layers: int = 4, vocab: int 
 
 
 def make_tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 128, hidden: int = 64):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    # Random init leaves RMSNorm weights at 1 and small residual updates; spread them so layers differ.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return make_tiny("llama", seed=seed, layers=layers, vocab=vocab, hidden=hidden)
 
 
 @pytest.fixture

@@ -44,32 +44,27 @@ def tiny_llama(seed=0, layers=L, tie=False):
     return model
 
 
-def tiny_qwen2(seed=0, layers=L, tie=False):
-    """A tiny random Qwen2 (q/k/v biases, rope theta 1e6); Qwen2.5's small models tie their embeddings."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _tiny_qwen(family: str, seed: int, layers: int, tie: bool, **extra):
+    import transformers
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_theta=1e6, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
-                         initializer_range=0.2)
-    model = Qwen2ForCausalLM(config).eval()
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e6, tie_word_embeddings=tie, bos_token_id=1,
+        eos_token_id=2, initializer_range=0.2, **extra)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     _spread(model, seed)
     return model
+
+
+def tiny_qwen2(seed=0, layers=L, tie=False):
+    """A tiny random Qwen2 (q/k/v biases, rope theta 1e6); Qwen2.5's small models tie their embeddings."""
+    return _tiny_qwen("Qwen2", seed, layers, tie)
 
 
 def tiny_qwen3(seed=0, layers=L, tie=False):
     """A tiny random Qwen3: per-head q/k norms with random weights, head_dim 32 != hidden / heads."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                         rope_theta=1e6, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
-                         initializer_range=0.2)
-    model = Qwen3ForCausalLM(config).eval()
-    _spread(model, seed)
-    return model
+    return _tiny_qwen("Qwen3", seed, layers, tie, head_dim=32)
 
 
 TINY_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}
