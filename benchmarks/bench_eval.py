@@ -67,9 +67,9 @@ def record_requests(tasks: list[str], limit: int, fewshot, data_dir: Path, mmlu_
     return out
 
 
-def embedded_q8_0(model, folder: Path) -> Path:
+def embedded_q8_0(model, folder: Path, keep_f32: bool = False):
     """The embedded model as the pipeline's baseline export at Q8_0 (F32 GGUF from the torch weights, then
-    llama.cpp's quantizer)."""
+    llama.cpp's quantizer); with keep_f32, (Q8_0 path, F32 path)."""
     from dropquant.gguf_export import export_model
     from dropquant.models import embedded_gguf_path
     from dropquant.quantization import quantize_gguf
@@ -77,6 +77,8 @@ def embedded_q8_0(model, folder: Path) -> Path:
     f32, q8 = folder / "model-f32.gguf", folder / "model-Q8_0.gguf"
     export_model(model, f32, tokenizer_gguf=embedded_gguf_path(), out_type="F32", name="SmolLM2-135M-Instruct")
     quantize_gguf(f32, q8, "Q8_0")
+    if keep_f32:
+        return q8, f32
     f32.unlink()
     return q8
 

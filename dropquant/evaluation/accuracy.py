@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import DropquantError
-from .tasks import TASKS, fewshot_for, lm_eval_tasks_dir, offline_env, prepare_tasks
+from .tasks import SPECS, TASKS, fewshot_for, lm_eval_tasks_dir, offline_env, prepare_tasks
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _task_manager(tasks: list[str], include_dir: Path):
     # Index only the built-in folders we need (the full index parses ~14000 YAML files: ~25 s), then our
     # local overrides, which win over same-named built-ins.
     builtin = lm_eval_tasks_dir()
-    folders = sorted({str(builtin / Path(TASKS[t].yaml).parent) for t in tasks})
+    folders = sorted({str(builtin / Path(SPECS[t].yaml).parent) for t in tasks})
     index_log = logging.getLogger("lm_eval.tasks._index")
     level = index_log.level
     index_log.setLevel(logging.ERROR)  # "task X overrides existing task": intended here
@@ -71,7 +71,7 @@ def _task_manager(tasks: list[str], include_dir: Path):
 
 def _loadable(tm, name: str) -> bool:
     try:
-        tm.load_task_or_group([TASKS[name].lm_eval_name])
+        tm.load_task_or_group([SPECS[name].lm_eval_name])
         return True
     except Exception as err:  # no network, dataset missing from the hub cache, ...
         log.warning("eval: skipping task '%s': its data cannot be loaded (%s: %s)", name, type(err).__name__,
@@ -84,6 +84,19 @@ def _metric(result: dict, name: str) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+@contextlib.contextmanager
+def lm_eval_tasks(tasks: list[str], data_dir: Optional[Path]):
+    """lm-eval's TaskManager for `tasks` (re-pointed at data_dir's files, offline), the tasks it can load and
+    those skipped with a warning for want of data: (tm, ready, skipped)."""
+    with tempfile.TemporaryDirectory(prefix="dropquant-tasks-") as tmp, _env(offline_env(data_dir)):
+        runnable, skipped = prepare_tasks(tasks, data_dir, Path(tmp))
+        tm = _task_manager(tasks, Path(tmp))
+        ready = []
+        for name in runnable:
+            (ready if _loadable(tm, name) else skipped).append(name)
+        yield tm, ready, skipped
+
+
 def evaluate_accuracy(lm, tasks: list[str], limit: int = 0, fewshot: Union[int, str] = 0,
                       data_dir: Optional[Path] = None, seed: int = 0) -> dict:
     """Run lm-eval's tasks on `lm`; tasks without data are skipped (with a warning), never fatal."""
@@ -92,12 +105,7 @@ def evaluate_accuracy(lm, tasks: list[str], limit: int = 0, fewshot: Union[int, 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise DropquantError(f"eval.tasks: unknown task(s) {unknown} (allowed: {', '.join(TASKS)})")
-    with tempfile.TemporaryDirectory(prefix="dropquant-tasks-") as tmp, _env(offline_env(data_dir)):
-        runnable, skipped = prepare_tasks(tasks, data_dir, Path(tmp))
-        tm = _task_manager(tasks, Path(tmp))
-        ready = []
-        for name in runnable:
-            (ready if _loadable(tm, name) else skipped).append(name)
+    with lm_eval_tasks(tasks, data_dir) as (tm, ready, skipped):
         out: dict = {"tasks": {}, "skipped": skipped, "limit": limit, "fewshot": fewshot,
                      "data_dir": str(data_dir) if data_dir else None}
         by_shots: dict[int, list[str]] = {}

@@ -199,11 +199,15 @@ def _reuse_prefix(before: _Pack, pack: _Pack, evals: list[list[int]], need_from:
 
 class LlamaCppLM(TemplateLM):
     """lm-eval model for a GGUF file. `reuse_kv=False` gives the naive adapter: one full evaluation of context +
-    continuation per request, from an empty cache (same decoding and scoring code, no sharing, no packing)."""
+    continuation per request, from an empty cache (same decoding and scoring code, no sharing, no packing).
+
+    `parallel`: how many prompts generate_until decodes together (1: one at a time). `chat=True` for prompts
+    rendered by the model's chat template (`apply_chat_template`): their special-token text (<|im_start|>, ...)
+    is read as the special tokens it stands for, as Hugging Face tokenizers do."""
 
     def __init__(self, model_path: str | Path, n_ctx: int = 2048, threads: int = 2, reuse_kv: bool = True,
                  max_gen_toks: int = 256, llama=None, n_batch: int = 512, n_seq_max: int = MAX_SEQUENCES,
-                 pack_cells: Optional[int] = None) -> None:
+                 pack_cells: Optional[int] = None, parallel: Optional[int] = None, chat: bool = False) -> None:
         import llama_cpp
 
         super().__init__()
@@ -224,6 +228,9 @@ class LlamaCppLM(TemplateLM):
         self.pack_cells = pack_cells or 1
         self.reuse_kv = reuse_kv
         self.max_gen_toks = max_gen_toks
+        self.parallel = min(parallel or self.n_seq_max, self.n_seq_max)
+        self.chat = chat
+        self.generations: list = []  # the last generate_until call's, with why each stopped
         self.tokens_evaluated = 0  # how much work the cache saved: compare with the requests' total length
         self.decode_calls = 0
         self.tokens_reused = 0  # prefix tokens a pack found in the cache, left by the previous pack
@@ -244,7 +251,23 @@ class LlamaCppLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
         # Like lm-eval's HF model: no BOS added to task text; an empty context gets prefix_token_id instead.
-        return self.llama.tokenize(string.encode("utf-8"), add_bos=bool(add_special_tokens), special=False)
+        # A chat prompt gets the BOS its template writes, or the one the vocabulary asks for (`chat_template`).
+        return self.llama.tokenize(string.encode("utf-8"), add_bos=bool(add_special_tokens), special=self.chat)
+
+    # -- chat ----------------------------------------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        return Path(self.model_path).name
+
+    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
+        from .chat import template_of
+
+        return template_of(self.llama) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        from .chat import render
+
+        return render(self.llama, chat_history, add_generation_prompt)
 
     def _is_eog(self, token: int) -> bool:
         import llama_cpp
@@ -370,14 +393,23 @@ class LlamaCppLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+        """Greedy, all requests decoded together (`generation.generate_batched`); `parallel=1` gives the
+        one-at-a-time reference."""
+        from .generation import generate_batched, generate_sequential, prepare
+
+        seqs = []
+        for req in requests:
             context, gen_kwargs = req.args
-            text = self.greedy_until(context, gen_kwargs.get("until") or [],
-                                     int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)))
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
-        return out
+            seqs.append(prepare(self, self.tok_encode(context), gen_kwargs.get("until"),
+                                int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))))
+        if self.parallel == 1:
+            gens = [generate_sequential(self, s) for s in tqdm(seqs, desc="generate_until", disable=disable_tqdm)]
+        else:
+            gens = generate_batched(self, seqs, self.parallel, progress=not disable_tqdm, desc="generate_until")
+        self.generations = gens
+        for req, g in zip(requests, gens):
+            self.cache_hook.add_partial("generate_until", req.args, g.text)
+        return [g.text for g in gens]
 
     def _last_logits(self, tokens: list[int], start: int) -> np.ndarray:
         """Append tokens at positions start.. to sequence 0; the logits after the last one."""
@@ -390,24 +422,7 @@ class LlamaCppLM(TemplateLM):
         return row
 
     def greedy_until(self, context: str, until: list[str] | str, max_gen_toks: int) -> str:
-        """Greedy decoding that stops at the first stop string (cut off), at end-of-generation, or at the budget."""
-        until = [until] if isinstance(until, str) else list(until)
-        ctx = self.tok_encode(context) or [self.prefix_token_id]
-        ctx = ctx[-max(1, self.n_ctx - max_gen_toks):]
-        self._clear()
-        row = self._last_logits(ctx, 0)
-        n = len(ctx)
-        generated: list[int] = []
-        text = ""
-        while len(generated) < max_gen_toks and n < self.n_ctx:
-            token = int(np.argmax(row))
-            if self._is_eog(token):
-                break
-            generated.append(token)
-            text = self.tok_decode(generated)
-            hits = [text.find(s) for s in until if s and s in text]
-            if hits:
-                return text[: min(hits)]
-            row = self._last_logits([token], n)
-            n += 1
-        return text
+        """One prompt, greedy, one token per llama_decode (the reference for the batched path)."""
+        from .generation import generate_sequential, prepare
+
+        return generate_sequential(self, prepare(self, self.tok_encode(context), until, max_gen_toks)).text

@@ -54,8 +54,41 @@ def speed_metrics(speed: Optional[dict]) -> dict:
     return out
 
 
+MT_BENCH_KEYS = ("kld", "kld_stderr", "top1_agree", "answer_nll", "base_answer_nll", "rougeL", "rougeL_stderr",
+                 "loop_rate", "base_loop_rate", "empty_rate", "base_empty_rate", "truncated_rate",
+                 "base_truncated_rate", "answers")
+MT_BENCH_GROUP_KEYS = ("kld", "top1_agree", "rougeL", "loop_rate", "truncated_rate")  # per turn and category
+
+
+def chat_metrics(chat: Optional[dict]) -> dict:
+    """chat.<task>.<metric>[_base|_delta|_delta_stderr] (the delta's standard error over paired items) and
+    chat.mt_bench.*, every key present, null when not measured; the own standard errors are in details.json."""
+    from .chat_eval import LM_EVAL_METRICS, mt_bench
+
+    c = chat or {}
+    out: dict = {}
+    for name, keys in LM_EVAL_METRICS.items():
+        t = (c.get("tasks") or {}).get(name, {})
+        row: dict = {"n": next((t[k]["n"] for k in keys if k in t), None)}
+        for key in keys:
+            m = t.get(key, {})
+            row.update({key: _r(m.get("value")), f"{key}_base": _r(m.get("base")),
+                        f"{key}_delta": _r(m.get("delta")), f"{key}_delta_stderr": _r(m.get("delta_stderr"))})
+        out[name] = row
+    summary = ((c.get("mt_bench") or {}).get("summary")) or {}
+    overall = summary.get("all", {})
+    row = {k: _r(overall.get(k)) if k != "answers" else overall.get(k) for k in MT_BENCH_KEYS}
+    for group in ("turn1", "turn2", *mt_bench.CATEGORIES):
+        g = summary.get(group, {})
+        row[group] = {k: _r(g.get(k)) for k in MT_BENCH_GROUP_KEYS}
+    out["mt_bench"] = row
+    out["skipped"] = c.get("skipped", [])
+    return out
+
+
 def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], accuracy: dict, base_accuracy: dict,
-                  fidelity: Optional[dict], speed: Optional[dict], variant_bytes: int) -> dict:
+                  fidelity: Optional[dict], speed: Optional[dict], variant_bytes: int,
+                  chat: Optional[dict] = None) -> dict:
     per_task = {}
     for name in tasks:
         v = accuracy["tasks"].get(name, {})
@@ -78,6 +111,7 @@ def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], acc
         "avg": _r(avg), "base_avg": _r(base_avg), "avg_delta": _r(None if avg is None or base_avg is None else avg - base_avg),
         **speed_metrics(speed),
         "skipped_tasks": sorted(set(tasks) - set(common)),
+        "chat": chat_metrics(chat),
     }
 
 

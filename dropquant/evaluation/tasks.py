@@ -46,6 +46,13 @@ TASKS = {
     "winogrande": TaskSpec("winogrande", "winogrande", "winogrande/default.yaml", {"validation_split": "validation.jsonl"}),
     "mmlu": TaskSpec("mmlu", "mmlu", "mmlu/default/_mmlu.yaml", {"test_split": "test.jsonl", "fewshot_split": "dev.jsonl"}),
 }
+# Generative tasks, asked under the model's chat template (eval.chat); their prompts and checkers are lm-eval's.
+# gsm8k_cot_llama: chain of thought with 8 fixed exemplars given as earlier chat turns (no train split needed).
+CHAT_TASKS = {
+    "ifeval": TaskSpec("ifeval", "ifeval", "ifeval/ifeval.yaml", {"test_split": "train.jsonl"}),
+    "gsm8k": TaskSpec("gsm8k", "gsm8k_cot_llama", "gsm8k/gsm8k-cot-llama.yaml", {"test_split": "test.jsonl"}),
+}
+SPECS = {**TASKS, **CHAT_TASKS}
 _ROLE_TO_SPLIT = {"test_split": "test", "validation_split": "validation", "fewshot_split": "dev"}
 
 
@@ -128,7 +135,7 @@ def prepare_tasks(tasks: list[str], data_dir: Optional[Path], include_dir: Path)
         return list(tasks), []
     runnable, skipped = [], []
     for name in tasks:
-        spec = TASKS[name]
+        spec = SPECS[name]
         folder = data_dir / name
         missing = [f for f in spec.splits.values() if not (folder / f).is_file()]
         if missing:
