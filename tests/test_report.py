@@ -15,6 +15,8 @@ def _exp(name, method, n, qt, avg, speedup, size, stamp="2026-01-01T00:00:00", m
     measured = {"drop": {"method": method, "n": n if measured_n is None else measured_n}, "quantize": {"type": qt}}
     metrics = {"method": method, "n": n, "quant_type": qt, "avg": avg, "base_avg": 0.5, "avg_delta": avg - 0.5,
                "speedup_tg": speedup, "speedup_pp": 9.9, "size_mb": size, "ppl": 12.5, "kld": 0.01, "top1_agree": 0.9,
+               "chat": {"ifeval": {"prompt_strict": 0.25}, "gsm8k": {"strict": 0.0},
+                        "mt_bench": {"kld": 0.348, "rougeL": 0.144, "loop_rate": 0.5}},
                "variant": {"params": params_digest(measured)}}
     return {"rev": name * 3, "name": name, "error": None, "experiments": None, "data": {
         "timestamp": stamp, "params": {"params.yaml": {"data": params}},
@@ -45,8 +47,8 @@ def test_markdown_table_formats_and_marks_missing_values():
     rows.append({"name": "x", "method": "mlp", "n": 8, "quant_type": "Q4_K_M"})
     lines = markdown_table(rows).splitlines()
     assert lines[0].startswith("| experiment | method | n | quant | avg acc |")
-    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | 0.4700 | -0.0300 | 1.250× | 9.900× | – | 121.0 | 12.500 | 0.0100 | 0.900 | – |"
-    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – | – | – |"
+    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | 0.4700 | -0.0300 | 1.250× | 9.900× | – | 121.0 | 12.500 | 0.0100 | 0.900 | 0.250 | 0.000 | 0.348 | 0.144 | 0.500 | – |"
+    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – | – | – | – | – | – | – | – |"
 
 
 def test_rows_refuse_metrics_measured_for_another_variant():
