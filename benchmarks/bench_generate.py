@@ -1,19 +1,21 @@
 """Greedy generation: all prompts decoded together (parallel sequences in one unified KV cache) against one
 prompt at a time, on the same prompts of the embedded model, in one process.
 
-    python -m benchmarks.bench_generate [--prompts 24] [--tokens 96] [--parallel 16] [--repeats 3] [--gguf FILE]
+    python -m benchmarks.bench_generate [--prompts 48] [--tokens 96] [--parallel 32] [--repeats 3] [--gguf FILE]
 
 Target (issue #12): batched tokens/s >= 4x one-at-a-time tokens/s. The prompts are MT-Bench's first turns under
 the model's chat template (what the chat evaluation sends), at Q8_0 (the pipeline's default type; built here
-unless --gguf names a file). Runs alternate (one-at-a-time, batched, ...), so a busy neighbour slows both; the
-ratio of each pair is printed, then the median and the spread (max - min) / median.
+unless --gguf names a file). The batched runs use what the chat evaluation uses: one KV stream of --n-ctx cells
+per sequence; the one-at-a-time runs a plain single-sequence context. Runs alternate (one-at-a-time, batched,
+...), so a busy neighbour slows both; the ratio of each pair is printed, then the median and the spread
+(max - min) / median. One more batched run with a unified cache (all sequences' cells in one, every token
+attending over all of them, masked) shows why streams are used.
 
-Also printed: the share of prompts whose batched output equals the one-at-a-time output. llama.cpp computes a
-batch of tokens with other kernels than a single token (other summation orders), so logits differ in the last
-bits and greedy decoding can flip where the top two tokens are nearly tied; after a flip the texts part. To
-tell that from a bug, the benchmark reports for each differing prompt the reference's top-two margin at the
-first differing token, and runs two controls: the batched code with one sequence at a time (same kernels as
-the reference: must match 100%) and the same prompts on the F32 file (no quantized kernels).
+Also printed: the share of prompts whose batched output equals the one-at-a-time output, and why it is not
+all: for each differing prompt the reference's top-two margin at the first differing token; how far one token's
+logits move when it is decoded in a batch of 16 sequences instead of alone; the share without shared prefixes
+(each prompt's prefill whole, as the reference does it, instead of a copied prefix plus the rest); and two
+controls: the batched code with one sequence at a time (must match 100%) and the F32 file.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def prompts_of(lm, n: int) -> list[list[int]]:
     return [lm.tok_encode(lm.apply_chat_template([{"role": "user", "content": q["turns"][0]}])) for q in questions]
 
 
-def run(lm, prompts, tokens: int, parallel: int):
+def run(lm, prompts, tokens: int, parallel: int, share: bool = True):
     from dropquant.evaluation.generation import generate_batched, generate_sequential, prepare
 
     seqs = [prepare(lm, p, [], tokens) for p in prompts]
@@ -46,7 +48,7 @@ def run(lm, prompts, tokens: int, parallel: int):
     if parallel == 0:
         out = [generate_sequential(lm, s) for s in seqs]
     else:
-        out = generate_batched(lm, seqs, parallel, progress=False)
+        out = generate_batched(lm, seqs, parallel, progress=False, share=share)
     return out, time.perf_counter() - t
 
 
@@ -82,6 +84,26 @@ def typical_margin(lm, prompts, want, n: int = 4) -> float:
     return float(np.median(ms))
 
 
+def logit_gap(one_lm, lm, prompts, n: int = 16) -> tuple[float, float]:
+    """Median and max |logit difference| between one token decoded alone and the same token decoded in a batch
+    of n sequences (each prompt's last token, after its prefix was decoded alone in both)."""
+    prompts = prompts[:min(n, lm.parallel)]
+    alone, together = [], []
+    for p in prompts:
+        one_lm._clear()
+        one_lm._last_logits(p[:-1], 0)
+        alone.append(one_lm._last_logits(p[-1:], len(p) - 1))
+    lm._clear()
+    for sid, p in enumerate(prompts):
+        for _ in lm._decode(p[:-1], np.arange(len(p) - 1), np.zeros(len(p) - 1, bool), [[sid]] * (len(p) - 1)):
+            pass
+    for _, _, logits in lm._decode([p[-1] for p in prompts], [len(p) - 1 for p in prompts],
+                                   np.ones(len(prompts), bool), [[sid] for sid in range(len(prompts))]):
+        together = logits.copy()
+    diff = np.abs(np.asarray(alone) - together)
+    return float(np.median(diff.max(axis=1))), float(diff.max())
+
+
 def same_share(got, want) -> float:
     return sum(g.text == w.text for g, w in zip(got, want)) / len(want)
 
@@ -91,9 +113,10 @@ def main(argv=None) -> int:
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--tokens", type=int, default=96, help="token budget per prompt")
-    ap.add_argument("--parallel", type=int, default=16)
+    ap.add_argument("--parallel", type=int, default=32)
+    ap.add_argument("--n-ctx", type=int, default=1024, help="KV cells per sequence")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gguf", type=Path, help="GGUF of the embedded model (default: built here at Q8_0)")
@@ -106,14 +129,15 @@ def main(argv=None) -> int:
             from dropquant.models import load_model, resolve_source
 
             gguf, f32 = embedded_q8_0(load_model(resolve_source("embedded")), Path(tmp), keep_f32=True)
-        n_ctx = args.parallel * 512
-        lm = LlamaCppLM(gguf, n_ctx=n_ctx, threads=args.threads, n_seq_max=args.parallel, chat=True)
+        one_lm = LlamaCppLM(gguf, n_ctx=args.n_ctx, threads=args.threads, n_seq_max=1, chat=True)
+        lm = LlamaCppLM(gguf, n_ctx=args.n_ctx * args.parallel, threads=args.threads, n_seq_max=args.parallel,
+                        chat=True, kv_unified=False)
         prompts = prompts_of(lm, args.prompts)
         print(f"{len(prompts)} MT-Bench prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
               f"budget {args.tokens} tokens, {args.parallel} parallel, {args.threads} threads, {Path(gguf).name}")
         ratios, shares = [], []
         for r in range(args.repeats):
-            want, ts = run(lm, prompts, args.tokens, 0)
+            want, ts = run(one_lm, prompts, args.tokens, 0)
             got, tb = run(lm, prompts, args.tokens, args.parallel)
             seq_tps = sum(len(w.tokens) for w in want) / ts
             bat_tps = sum(len(g.tokens) for g in got) / tb
@@ -127,19 +151,34 @@ def main(argv=None) -> int:
               f"(target >= 4x: {'met' if med >= 4 else 'MISSED'}){'  [noisy: spread > 15%]' if spread > 0.15 else ''}")
         print(f"identical to one-at-a-time: {shares[-1]:.0%} of {len(prompts)} prompts"
               f"{'' if shares[-1] >= 0.95 else ' (below 95%: see below)'}")
-        div = margins_at_divergence(lm, prompts, got, want)
+        div = margins_at_divergence(one_lm, prompts, got, want)
         if div:
             print(f"  differing prompts: first differing token at {sorted(k for k, _ in div)}; the reference's "
                   f"top-two margin there: median {np.median([m for _, m in div]):.3f}, max "
                   f"{max(m for _, m in div):.3f} logits (typical margin over generated tokens: "
-                  f"{typical_margin(lm, prompts, want):.2f})")
+                  f"{typical_margin(one_lm, prompts, want):.2f})")
+        gap = logit_gap(one_lm, lm, prompts)
+        print(f"  a token decoded alone vs in a batch of 16 sequences: max |logit difference| per token median "
+              f"{gap[0]:.3f}, max {gap[1]:.3f}")
+        whole, tw = run(lm, prompts, args.tokens, args.parallel, share=False)
+        print(f"  batched without shared prefixes (every prompt evaluated whole): identical {same_share(whole, want):.0%}"
+              f", {sum(len(g.tokens) for g in whole) / tw:.1f} tok/s")
         one, _ = run(lm, prompts, args.tokens, 1)
         print(f"  control, batched code with one sequence at a time: identical {same_share(one, want):.0%}")
+        uni = LlamaCppLM(gguf, n_ctx=args.n_ctx * args.parallel, threads=args.threads, n_seq_max=args.parallel,
+                         chat=True)
+        gu, tu = run(uni, prompts, args.tokens, args.parallel)
+        print(f"  unified cache instead of streams: {sum(len(g.tokens) for g in gu) / tu:.1f} tok/s")
+        del uni
         if f32 is not None:
-            lm32 = LlamaCppLM(f32, n_ctx=n_ctx, threads=args.threads, n_seq_max=args.parallel, chat=True)
-            w32, _ = run(lm32, prompts, args.tokens, 0)
+            one32 = LlamaCppLM(f32, n_ctx=args.n_ctx, threads=args.threads, n_seq_max=1, chat=True)
+            lm32 = LlamaCppLM(f32, n_ctx=args.n_ctx * args.parallel, threads=args.threads, n_seq_max=args.parallel,
+                              chat=True, kv_unified=False)
+            w32, _ = run(one32, prompts, args.tokens, 0)
             g32, _ = run(lm32, prompts, args.tokens, args.parallel)
-            print(f"  control, the F32 file: identical {same_share(g32, w32):.0%}")
+            gap32 = logit_gap(one32, lm32, prompts)
+            print(f"  control, the F32 file: identical {same_share(g32, w32):.0%}; max |logit difference| alone vs "
+                  f"batched: median {gap32[0]:.4f}, max {gap32[1]:.4f}")
         print(json.dumps({"ratio_median": round(med, 3), "ratio_spread": round(spread, 3),
                           "ratios": [round(x, 3) for x in ratios], "identical": shares}))
     return 0

@@ -89,8 +89,8 @@ class ChatParams(_Section):
     tasks: list[Literal["ifeval", "gsm8k", "mt_bench"]] = ["ifeval", "gsm8k", "mt_bench"]  # [] = off
     limit: int = Field(8, ge=0)  # prompts per task (MT-Bench: questions, spread over its 8 categories); 0 = all
     max_tokens: int = Field(192, ge=1)  # tokens per answer (each MT-Bench turn); lm-eval's IFEval default: 1280
-    parallel: int = Field(16, ge=1, le=256)  # prompts decoded together
-    n_ctx: int = Field(8192, ge=512)  # KV cache cells shared by the parallel prompts
+    parallel: int = Field(32, ge=1, le=256)  # prompts decoded together
+    n_ctx: int = Field(1536, ge=256)  # KV cells of each prompt's own stream (prompt + answer must fit)
     transcripts: int = Field(8, ge=0)  # MT-Bench questions on the side-by-side transcripts page
 
     @model_validator(mode="after")

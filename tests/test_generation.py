@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_gguf):
+@pytest.fixture(scope="module", params=[True, False], ids=["unified-cache", "one-stream-per-sequence"])
+def lm(tiny_gguf, request):
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
 
-    return LlamaCppLM(tiny_gguf[1], n_ctx=1024, threads=1, n_seq_max=4)
+    lm = LlamaCppLM(tiny_gguf[1], n_ctx=1024, threads=1, n_seq_max=4, kv_unified=request.param)
+    assert lm.unified == request.param and lm.seq_ctx == (1024 if request.param else 256)
+    return lm
 
 
 def assert_same_greedy(lm, prompts, got, want, tie=1e-2):

@@ -28,12 +28,14 @@ LM_EVAL_METRICS = {
 }
 
 
-def open_chat_lm(gguf: str | Path, chat, threads: int):
-    """The llama.cpp model for chat: `chat.parallel` sequences in one KV cache of `chat.n_ctx` cells."""
+def open_chat_lm(gguf: str | Path, chat, threads: int, parallel: Optional[int] = None):
+    """The llama.cpp model for chat: up to `chat.parallel` sequences (no more than a task has prompts), each in a
+    KV stream of `chat.n_ctx` cells (the cache is allocated whole: parallel x n_ctx cells)."""
     from .llamacpp_lm import LlamaCppLM
 
-    return LlamaCppLM(gguf, n_ctx=chat.n_ctx, threads=threads, n_seq_max=chat.parallel, parallel=chat.parallel,
-                      max_gen_toks=chat.max_tokens, chat=True)
+    parallel = parallel or (min(chat.parallel, chat.limit) if chat.limit else chat.parallel)
+    return LlamaCppLM(gguf, n_ctx=chat.n_ctx * parallel, threads=threads, n_seq_max=parallel, parallel=parallel,
+                      max_gen_toks=chat.max_tokens, chat=True, kv_unified=False)
 
 
 def _per_item(samples: list[dict], metric: str, filt: str) -> list:
@@ -144,7 +146,7 @@ def compare_chat(variant_gguf: str | Path, base_gguf: str | Path, chat, threads:
         tasks[name]["stops"], tasks[name]["base_stops"] = task["stops"], base.get("stops")
     mt = None
     if own["mt_bench"] is not None and base_chat.get("mt_bench") is not None:
-        base_lm = open_chat_lm(base_gguf, chat, threads)
+        base_lm = open_chat_lm(base_gguf, chat, threads, parallel=1)  # teacher forcing: one sequence at a time
         tf_rows = mt_bench.teacher_forced(variant_lm, base_lm, base_chat["mt_bench"])
         mt = {"summary": mt_bench.summarize(tf_rows, own["mt_bench"], base_chat["mt_bench"]),
               "teacher_forced": tf_rows, "conversations": own["mt_bench"]}

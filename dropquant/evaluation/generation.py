@@ -1,11 +1,16 @@
-"""Greedy generation in llama.cpp for many prompts at once (parallel decoding in one unified KV cache).
+"""Greedy generation in llama.cpp for many prompts at once (parallel decoding).
 
 Each prompt is one llama.cpp sequence; every step decodes one token of every running sequence in one
 llama_decode call, so the weights are read once per step instead of once per token of each prompt. A
 prompt that shares a prefix with a running one (a few-shot preamble, a chat template's system prompt)
 gets those cells by `llama_memory_seq_cp`, without evaluating them again: prompts are admitted in
-token order so that shared prefixes are neighbours. Sequences are admitted while the cells they may
-need (prompt + token budget) fit the cache, and leave it as they finish, making room for the next.
+token order so that shared prefixes are neighbours.
+
+Two cache layouts: one unified cache (all sequences in n_ctx cells; sequences are admitted while the
+cells they may need, prompt + token budget, fit, and shared prefix cells are owned jointly), or one
+stream of n_ctx / n_seq_max cells per sequence (kv_unified=False; a shared prefix is copied). In the
+unified cache every token's attention runs over all sequences' cells (masked), which at 64 sequences
+cost more than the weights here; the chat evaluation uses streams.
 
 Stopping is lm-eval's: at end-of-generation, at the first occurrence of a stop string (cut off
 before it), or at the token budget; `Sequence` is also what the one-at-a-time reference uses.
@@ -75,10 +80,10 @@ class Sequence:
 
 
 def prepare(lm, context_tokens: list[int], until, max_gen_toks: int) -> Sequence:
-    """The prompt cut from the left to leave room for the budget, as lm-eval's models do."""
+    """The prompt cut from the left to leave room for the budget in one sequence's cells, as lm-eval's models do."""
     until = [until] if isinstance(until, str) else [s for s in (until or []) if s]
-    ctx = (context_tokens or [lm.prefix_token_id])[-max(1, lm.n_ctx - max_gen_toks):]
-    return Sequence(ctx, max_gen_toks, until, lm.n_ctx)
+    ctx = (context_tokens or [lm.prefix_token_id])[-max(1, lm.seq_ctx - max_gen_toks):]
+    return Sequence(ctx, max_gen_toks, until, lm.seq_ctx)
 
 
 def generate_sequential(lm, seq: Sequence) -> Generation:
@@ -107,8 +112,11 @@ class _Slot:
 
 
 def generate_batched(lm, seqs: list[Sequence], parallel: Optional[int] = None, progress: bool = True,
-                     desc: str = "generate") -> list[Generation]:
-    """Greedy continuations of all `seqs`, up to `parallel` (default: as many as the context allows) at once."""
+                     desc: str = "generate", share: bool = True) -> list[Generation]:
+    """Greedy continuations of all `seqs`, up to `parallel` (default: as many as the context allows) at once.
+    share=False evaluates every prompt whole: a prompt's prefill split into a copied prefix and the rest is
+    computed by other kernels than the whole prompt, which on quantized files moves logits enough to flip
+    near-ties (`make bench`: bench_generate)."""
     import llama_cpp
 
     parallel = min(parallel or lm.n_seq_max, lm.n_seq_max, lm.n_batch)
@@ -133,19 +141,23 @@ def generate_batched(lm, seqs: list[Sequence], parallel: Optional[int] = None, p
     def admit(seq: Sequence) -> Optional[_Slot]:
         nonlocal reserved
         anchor, shared = None, 0
-        for s in running:  # the running sequence whose prompt shares the longest prefix with this one
+        for s in running if share else ():  # the running sequence sharing the longest prefix with this one
             k = min(common_prefix(s.seq.prompt, seq.prompt), len(seq.prompt) - 1)
             if k > shared:
                 anchor, shared = s, k
         need = len(seq.prompt) - shared + seq.budget
-        if running and reserved + need > lm.n_ctx:
+        if lm.unified and running and reserved + need > lm.n_ctx:  # (a stream of its own always has room)
             return None
         slot = _Slot(seq, free.pop(), anchor, shared)
         for s in slot.chain:
             s.refs += 1
         reserved += need
         if anchor is not None:
-            llama_cpp.llama_memory_seq_cp(lm._mem, anchor.sid, slot.sid, 0, shared)
+            if lm.unified:  # the cells get one more owner
+                llama_cpp.llama_memory_seq_cp(lm._mem, anchor.sid, slot.sid, 0, shared)
+            else:  # llama.cpp copies across streams only whole: copy, then cut after the shared prefix
+                llama_cpp.llama_memory_seq_cp(lm._mem, anchor.sid, slot.sid, -1, -1)
+                llama_cpp.llama_memory_seq_rm(lm._mem, slot.sid, shared, -1)
             lm.tokens_reused += shared
         tokens = seq.prompt[shared:]
         out = np.zeros(len(tokens), dtype=bool)
@@ -169,6 +181,7 @@ def generate_batched(lm, seqs: list[Sequence], parallel: Optional[int] = None, p
             order.popleft()
         if not running:
             continue
+        running.sort(key=lambda s: s.sid)  # llama.cpp splits a batch whose sequence ids are out of order (3x slower)
         tokens = [s.seq.tokens[-1] for s in running]
         pos = [s.seq.position for s in running]
         out = np.ones(len(running), dtype=bool)

@@ -57,9 +57,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def open_llama(model_path: str | Path, n_ctx: int, threads: int, *, logits_all: bool = True, verbose: bool = False,
-               n_seq_max: int = 1, n_batch: int = 512):
+               n_seq_max: int = 1, n_batch: int = 512, kv_unified: bool = True):
     """A llama_cpp.Llama with flash attention; `n_seq_max` > 1 gives it one KV cache of n_ctx cells shared by
-    up to n_seq_max sequences (Llama() itself only makes single-sequence contexts)."""
+    up to n_seq_max sequences (Llama() itself only makes single-sequence contexts), or with kv_unified=False
+    one stream of n_ctx / n_seq_max cells per sequence (each token then attends over its own stream only)."""
     from llama_cpp import Llama
     from llama_cpp import _internals as internals
 
@@ -73,7 +74,7 @@ def open_llama(model_path: str | Path, n_ctx: int, threads: int, *, logits_all: 
     if n_seq_max > 1:
         params = llama.context_params
         params.n_seq_max = n_seq_max
-        params.kv_unified = True  # otherwise each sequence would get n_ctx / n_seq_max cells
+        params.kv_unified = kv_unified
         llama._ctx.close()
         llama._ctx = llama._stack.enter_context(contextlib.closing(
             internals.LlamaContext(model=llama._model, params=params, verbose=verbose)))
@@ -207,20 +208,24 @@ class LlamaCppLM(TemplateLM):
 
     def __init__(self, model_path: str | Path, n_ctx: int = 2048, threads: int = 2, reuse_kv: bool = True,
                  max_gen_toks: int = 256, llama=None, n_batch: int = 512, n_seq_max: int = MAX_SEQUENCES,
-                 pack_cells: Optional[int] = None, parallel: Optional[int] = None, chat: bool = False) -> None:
+                 pack_cells: Optional[int] = None, parallel: Optional[int] = None, chat: bool = False,
+                 kv_unified: bool = True) -> None:
         import llama_cpp
 
         super().__init__()
         self.model_path = str(model_path)
         n_seq_max = min(n_seq_max, llama_cpp.llama_max_parallel_sequences()) if reuse_kv else 1
         self.llama = llama if llama is not None else open_llama(model_path, n_ctx, threads, logits_all=False,
-                                                                n_seq_max=n_seq_max, n_batch=n_batch)
+                                                                n_seq_max=n_seq_max, n_batch=n_batch,
+                                                                kv_unified=kv_unified)
         self._ctx = self.llama._ctx.ctx
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = self.llama.n_ctx()
         self.n_vocab = self.llama.n_vocab()
         self.n_batch = self.llama.n_batch
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(self._ctx))
+        self.seq_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))  # cells one sequence can use
+        self.unified = self.seq_ctx == self.n_ctx
         self._batch = _Batch(self.n_batch, self.n_seq_max)
         # Items (requests sharing a context) are not mixed in one batch by default: on quantized models that
         # moved llama.cpp's rounding 2.5x further from the naive adapter's for ~10% speed (docs/evaluate.md).

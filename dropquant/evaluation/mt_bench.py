@@ -95,9 +95,9 @@ def teacher_forced(variant_lm, base_lm, reference: list[dict]) -> list[dict]:
                 rows.append({"question_id": conv["question_id"], "category": conv["category"], "turn": turn + 1,
                              "n": 0, "kl": 0.0, "agree": 0, "nll": 0.0, "base_nll": 0.0})
                 continue
-            if len(tokens) - 1 > min(variant_lm.n_ctx, base_lm.n_ctx):
+            if len(tokens) - 1 > min(variant_lm.seq_ctx, base_lm.seq_ctx):
                 raise DropquantError(f"mt_bench question {conv['question_id']}: {len(tokens)} tokens do not fit "
-                                     f"eval.chat.n_ctx={variant_lm.n_ctx}")
+                                     f"one sequence's {variant_lm.seq_ctx} cells (eval.chat.n_ctx / parallel)")
             target = np.asarray(tokens[start:])
             out = np.zeros(len(tokens) - 1, dtype=bool)
             out[start - 1:] = True  # the positions whose logits predict the answer's tokens
