@@ -122,3 +122,13 @@ def test_fidelity_tokens_below_one_chunk_refused_before_any_work():
     with pytest.raises(DropquantError, match="eval.fidelity_tokens: Value error, must be 0 \\(off\\) or at least 512"):
         parse_params({"eval": {"fidelity_tokens": 256}})
     assert parse_params({"eval": {"fidelity_tokens": 0}}).eval.fidelity_tokens == 0
+
+
+def test_chat_params(tmp_path):
+    p = load_params_with_overrides(ROOT / "params.yaml", ["eval.chat.limit=4", "eval.chat.tasks=[mt_bench]"])
+    assert p.eval.chat.limit == 4 and p.eval.chat.tasks == ["mt_bench"]
+    assert parse_params({"eval": {"chat": {"tasks": []}}}).eval.chat.tasks == []
+    with pytest.raises(DropquantError, match="eval.chat.tasks"):
+        parse_params({"eval": {"chat": {"tasks": ["alpaca_eval"]}}})
+    with pytest.raises(DropquantError, match="max_tokens \\(2048\\) must be below n_ctx \\(1536\\)"):
+        parse_params({"eval": {"chat": {"max_tokens": 2048}}})

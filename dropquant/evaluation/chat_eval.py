@@ -7,6 +7,7 @@ the standard error of the paired differences, which is what says whether a drop 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -84,16 +85,9 @@ def run_lm_eval_chat(lm, tasks: list[str], limit: int, data_dir: Optional[Path],
             samples = res["samples"][spec.lm_eval_name]
             task = {key: {**_score(items := _per_item(samples, metric, filt)), "items": items}
                     for key, (metric, filt) in LM_EVAL_METRICS[name].items()}
-            task["stops"] = _stop_counts(lm)
+            task["stops"] = dict(Counter(g.stop for g in lm.generations))  # eog / until / budget
             out["tasks"][name] = task
     return out
-
-
-def _stop_counts(lm) -> dict:
-    counts: dict = {}
-    for g in lm.generations:
-        counts[g.stop] = counts.get(g.stop, 0) + 1
-    return counts
 
 
 def evaluate_chat(gguf: str | Path, chat, threads: int, data_dir: Optional[Path], lm=None) -> dict:
