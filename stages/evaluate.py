@@ -113,7 +113,7 @@ def run_variant(params, args) -> None:
     accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
     fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads, base_path=base,
                        kld=e.kld) if e.fidelity_tokens else None
-    chat = None
+    chat = base_chat = None
     if e.chat.tasks:
         base_chat = read_json(base_eval / "chat.json", "baseline chat results", BASE_EVAL_HINT)
         chat = compare_chat(variant, base, e.chat, e.threads, data_dir, base_chat)
@@ -135,21 +135,19 @@ def run_variant(params, args) -> None:
     mt = (chat or {}).get("mt_bench")
     with atomic_dir(out / "transcripts") as tmp:
         if mt is not None:
-            base_conv = json.loads((base_eval / "chat.json").read_text())["mt_bench"]
-            write_transcripts(tmp, base_conv, mt["conversations"], mt["teacher_forced"], e.chat.transcripts, label)
+            write_transcripts(tmp, base_chat["mt_bench"], mt["conversations"], mt["teacher_forced"],
+                              e.chat.transcripts, label)
     write_json(out / "details.json", {"accuracy": accuracy, "base_accuracy": base_accuracy, "fidelity": fidelity,
                                       "chat": chat, "speed": speed, "variant": str(variant), "base": str(base)})
     write_json(out / "metrics.json", metrics)
     log.info("evaluate %s: avg %s (base %s), ppl %s (base %s), kld %s, top1 %s, speedup pp %s tg %s",
              label, metrics["avg"], metrics["base_avg"], metrics["ppl"], metrics["base_ppl"], metrics["kld"],
              metrics["top1_agree"], metrics["speedup_pp"], metrics["speedup_tg"])
-    c = metrics["chat"]
     if e.chat.tasks:
+        ifeval, gsm8k, mt_m = (metrics["chat"][t] for t in ("ifeval", "gsm8k", "mt_bench"))
         log.info("chat %s: ifeval prompt-strict %s (base %s), gsm8k %s (base %s), mt_bench kld %s rougeL %s loops %s "
-                 "(base %s)", label, *(c.get(t, {}).get(k) for t, k in (("ifeval", "prompt_strict"),
-                 ("ifeval", "prompt_strict_base"), ("gsm8k", "strict"), ("gsm8k", "strict_base"),
-                 ("mt_bench", "kld"), ("mt_bench", "rougeL"), ("mt_bench", "loop_rate"),
-                 ("mt_bench", "base_loop_rate"))))
+                 "(base %s)", label, ifeval["prompt_strict"], ifeval["prompt_strict_base"], gsm8k["strict"],
+                 gsm8k["strict_base"], mt_m["kld"], mt_m["rougeL"], mt_m["loop_rate"], mt_m["base_loop_rate"])
 
 
 def run(params, args) -> None:

@@ -20,7 +20,6 @@ from .tasks import CHAT_TASKS
 
 log = logging.getLogger(__name__)
 
-CHAT_TASK_NAMES = (*CHAT_TASKS, "mt_bench")
 # our key -> (lm-eval metric, filter); inst_* are per instruction, the rest per prompt
 LM_EVAL_METRICS = {
     "ifeval": {"prompt_strict": ("prompt_level_strict_acc", "none"), "inst_strict": ("inst_level_strict_acc", "none"),

@@ -63,7 +63,8 @@ MT_BENCH_GROUP_KEYS = ("kld", "top1_agree", "rougeL", "loop_rate", "truncated_ra
 def chat_metrics(chat: Optional[dict]) -> dict:
     """chat.<task>.<metric>[_base|_delta|_delta_stderr] (the delta's standard error over paired items) and
     chat.mt_bench.*, every key present, null when not measured; the own standard errors are in details.json."""
-    from .chat_eval import LM_EVAL_METRICS, mt_bench
+    from . import mt_bench
+    from .chat_eval import LM_EVAL_METRICS
 
     c = chat or {}
     out: dict = {}

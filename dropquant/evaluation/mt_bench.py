@@ -137,8 +137,8 @@ def loops(tokens: list[int]) -> bool:
 
 
 def signals(conv: dict, turn: int) -> dict:
-    toks = [t for t in conv["tokens"][turn]]
-    if conv["stops"][turn] == "eog":
+    toks = conv["tokens"][turn]
+    if conv["stops"][turn] == "eog":  # the end-of-turn token closes the answer; it is no part of a loop
         toks = toks[:-1]
     return {"loop": loops(toks), "empty": not conv["answers"][turn].strip(),
             "truncated": conv["stops"][turn] in ("budget", "context")}
