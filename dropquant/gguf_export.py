@@ -21,6 +21,8 @@ Four facts of llama.cpp's deci graph and KV cache shape the deci layout (see DES
   (the graph `continue`s before the residual add). So a dropped MLP is written as a stand-in FFN of
   ZERO_FFN_WIDTH columns whose weights are all zero: x + down(silu(gate x) * up x) = x + 0 = x,
   exactly, in every quant type (zeros quantize to zeros).
+- head_count > 0 with head_count_kv 0 is "linear attention", x + W_o * norm(x) with W_o hidden x hidden:
+  exactly a healed layer's linear stand-in (dropquant.heal), with no KV cache.
 - the first block's head_count sets the head size of the whole model, so the first block cannot
   have head_count 0. Its dropped attention is written as deci's "linear attention" form
   (head_count > 0, head_count_kv 0: x + W_o * norm(x)) with W_o all zero: exact, and no KV cache.
@@ -99,6 +101,7 @@ class Block:
     layer: int  # index into the checkpoint's layers (0..num_hidden_layers-1)
     attn: str   # "keep" | "drop" (head_count 0) | "zero" (first block: zero linear attention)
                 #  | "zero_kv" (first block when no attention is left: zero attention, one KV head)
+                #  | "linear" (a linear stand-in: linear attention with the fitted W)
     mlp: str    # "keep" | "zero" (stand-in FFN with zero weights)
 
 
@@ -125,19 +128,31 @@ class ExportInfo:
                 "n_params": self.n_params, "n_standin_params": self.n_standin_params}
 
 
-def plan_blocks(num_layers: int, dropped_attn, dropped_mlp, plain_arch: str = ARCH_LLAMA) -> tuple[str, list[Block]]:
-    """The GGUF architecture and block list for a checkpoint with these (checkpoint-numbered) drops.
+def plan_blocks(num_layers: int, dropped_attn, dropped_mlp, plain_arch: str = ARCH_LLAMA,
+                linear_attn=()) -> tuple[str, list[Block]]:
+    """The GGUF architecture and block list for a checkpoint with these (checkpoint-numbered) drops and
+    linear stand-ins (a subset of dropped_attn).
 
     `plain_arch` is the family's own architecture, used when every kept block is whole.
     """
-    dropped_attn, dropped_mlp = set(dropped_attn), set(dropped_mlp)
-    bad = sorted(i for i in dropped_attn | dropped_mlp if not 0 <= i < num_layers)
+    dropped_attn, dropped_mlp, linear_attn = set(dropped_attn), set(dropped_mlp), set(linear_attn)
+    bad = sorted(i for i in dropped_attn | dropped_mlp | linear_attn if not 0 <= i < num_layers)
     if bad:
         raise DropquantError(f"pruned checkpoint: dropped layer indices {bad} out of range 0..{num_layers - 1}")
-    blocks = [Block(i, "drop" if i in dropped_attn else "keep", "zero" if i in dropped_mlp else "keep")
-              for i in range(num_layers) if not (i in dropped_attn and i in dropped_mlp)]
+    if linear_attn - dropped_attn:
+        raise DropquantError(f"pruned checkpoint: linear stand-ins {sorted(linear_attn - dropped_attn)} replace no "
+                             "dropped attention")
+
+    def attn(i: int) -> str:
+        return "keep" if i not in dropped_attn else "linear" if i in linear_attn else "drop"
+
+    blocks = [Block(i, attn(i), "zero" if i in dropped_mlp else "keep")
+              for i in range(num_layers) if not (attn(i) == "drop" and i in dropped_mlp)]
     if not blocks:
         raise DropquantError("pruned checkpoint: every attention and MLP layer is dropped; nothing left to export")
+    if linear_attn and not any(b.attn == "keep" for b in blocks):
+        raise DropquantError("pruned checkpoint: linear stand-ins with no attention layer left have no GGUF form "
+                             "(llama.cpp needs a KV cache, and the first block would have to be both)")
     if all(b.attn == "drop" for b in blocks):
         blocks[0] = Block(blocks[0].layer, "zero_kv", blocks[0].mlp)
     elif blocks[0].attn == "drop":
@@ -374,6 +389,9 @@ def _plan_attention(plan: _FilePlan, lay: _Layout, b: int, blk: Block) -> None:
         plan.take("self_attn.o_proj.weight", b, src + "self_attn.o_proj.weight", (d.n_embd, q_rows))
         if "o_proj" in lay.biased:
             plan.take("self_attn.o_proj.bias", b, src + "self_attn.o_proj.bias", (d.n_embd,))
+    elif blk.attn == "linear":
+        plan.take("input_layernorm.weight", b, src + "input_layernorm.weight", (d.n_embd,))
+        plan.take("self_attn.o_proj.weight", b, src + "linear_attn.weight", (d.n_embd, d.n_embd))
     elif blk.attn == "zero":
         plan.standin("input_layernorm.weight", b, (d.n_embd,), 1.0)
         plan.standin("self_attn.o_proj.weight", b, (d.n_embd, d.n_embd), 0.0)
@@ -542,11 +560,12 @@ def _write(out: str | Path, src, cfg: dict, family: Family, dropped_attn, droppe
     import gguf
 
     d = _Dims.of(cfg)
-    arch, blocks = plan_blocks(d.n_layers, dropped_attn, dropped_mlp, plain_arch=family.gguf_arch)
+    linear = (cfg.get("dropquant") or {}).get("linear_attn", [])
+    arch, blocks = plan_blocks(d.n_layers, dropped_attn, dropped_mlp, plain_arch=family.gguf_arch, linear_attn=linear)
     plan = _plan_file(src, _Layout(arch, family, d, biased_projections(cfg)), blocks, cfg)
     weight_type = _weight_type(out_type, plan)
     info = ExportInfo(arch, blocks,
-                      head_count=[0 if b.attn == "drop" else d.n_head for b in blocks],
+                      head_count=[0 if b.attn == "drop" else d.n_head for b in blocks],  # linear: n_head sets head size
                       head_count_kv=[{"keep": d.n_head_kv, "zero_kv": 1}.get(b.attn, 0) for b in blocks],
                       feed_forward_length=[d.n_ff if b.mlp == "keep" else ZERO_FFN_WIDTH for b in blocks],
                       out_type=weight_type)

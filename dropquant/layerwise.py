@@ -73,6 +73,11 @@ class InMemoryStack:
     def rotary(self):
         return self.model.model.rotary_emb
 
+    def head(self):
+        """The final norm and LM head as one function of the last layer's output."""
+        norm, lm_head = self.model.model.norm, self.model.lm_head
+        return lambda y: lm_head(norm(y.to(norm.weight.device)).to(lm_head.weight.device))
+
     @contextlib.contextmanager
     def layer(self, i: int) -> Iterator[tuple[torch.nn.Module, torch.device]]:
         layer = self.layers[i]
@@ -92,8 +97,7 @@ class StreamedStack:
         self.device = torch.device(device)
         skeleton = build_skeleton(config, dtype)
         if record:  # a pruned checkpoint: the same layer classes with the dropped halves removed
-            apply_layout(skeleton, record["kept_layers"], record["dropped_attn"], record["dropped_mlp"],
-                         record["base_num_hidden_layers"])
+            apply_layout(skeleton, record)
         self.skeleton = skeleton
         self.layers = skeleton.model.layers
 
@@ -104,6 +108,14 @@ class StreamedStack:
     def rotary(self):
         # Built for real (its inverse frequencies are computed in __init__, which meta tensors cannot hold).
         return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
+
+    def head(self):
+        norm = type(self.skeleton.model.norm)(int(self.config.hidden_size), eps=self.config.rms_norm_eps)
+        norm = norm.to(self.device, self.dtype)
+        norm.weight.data = self.checkpoint.get("model.norm.weight").to(self.device, self.dtype)
+        name = "lm_head.weight" if "lm_head.weight" in self.checkpoint else "model.embed_tokens.weight"
+        weight = self.checkpoint.get(name).to(self.device, self.dtype)
+        return lambda y: torch.nn.functional.linear(norm(y), weight)
 
     @contextlib.contextmanager
     def layer(self, i: int) -> Iterator[tuple[torch.nn.Module, torch.device]]:
@@ -167,38 +179,87 @@ def _batch_kwargs(stack, rotary, x: torch.Tensor) -> dict:
             "position_ids": position_ids, "use_cache": False}
 
 
-@torch.inference_mode()
-def run_layers(stack, input_ids: torch.Tensor, observers: list, batch_size: int = 2, progress: bool = True,
-               desc: str = "layers", scratch: Optional[Path] = None) -> int:
-    """Push `input_ids` [n, seq] through every decoder layer of `stack`; returns the number of tokens."""
+class LayerPass:
+    """One layer's view of the residual streams: its batches (with the kwargs the layer's forward takes) and
+    reads and writes of each named stream."""
+
+    def __init__(self, stack, rotary, states: dict[str, HiddenStates], n_samples: int, batch_size: int,
+                 device: torch.device):
+        self.stack, self.rotary, self.states = stack, rotary, states
+        self.n_samples, self.batch_size, self.device = n_samples, batch_size, device
+
+    def batches(self) -> Iterator[tuple[slice, dict]]:
+        shape = next(iter(self.states.values())).data.shape
+        for start in range(0, self.n_samples, self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            # Only the shape, dtype and device of the batch shape the mask and rotary embeddings.
+            like = torch.empty((min(self.batch_size, self.n_samples - start), *shape[1:]), dtype=self.stack.dtype,
+                               device=self.device)
+            yield sl, _batch_kwargs(self.stack, self.rotary, like)
+
+    def read(self, stream: str, sl: slice) -> torch.Tensor:
+        return self.states[stream].data[sl].to(self.device)
+
+    def write(self, stream: str, sl: slice, y: torch.Tensor) -> None:
+        data = self.states[stream].data
+        data[sl] = y.to(data.device)
+
+
+def walk_layers(stack, input_ids: torch.Tensor, visit, streams: tuple[str, ...] = ("main",), batch_size: int = 2,
+                progress: bool = True, desc: str = "layers", scratch: Optional[Path] = None) -> int:
+    """Push `input_ids` [n, seq] through every decoder layer of `stack`, one layer at a time for all tokens.
+
+    Every named stream starts as the token embeddings; `visit(i, layer, lp)` does layer i's work with
+    `lp` (a LayerPass): reading each stream batch by batch and writing what the stream holds after layer i.
+    Returns the number of tokens.
+    """
     from tqdm import tqdm
 
     if input_ids.dim() != 2:
         raise DropquantError(f"calibration tokens must be [n_samples, seq_len], got shape {list(input_ids.shape)}")
     hidden = int(stack.config.hidden_size)
-    states = HiddenStates((*input_ids.shape, hidden), stack.dtype, scratch)
+    states: dict[str, HiddenStates] = {}
     try:
+        for name in streams:
+            states[name] = HiddenStates((*input_ids.shape, hidden), stack.dtype, scratch)
         for start in range(0, input_ids.shape[0], batch_size):
-            states.data[start:start + batch_size] = stack.embed(input_ids[start:start + batch_size]).cpu()
+            emb = stack.embed(input_ids[start:start + batch_size]).cpu()
+            for st in states.values():
+                st.data[start:start + batch_size] = emb
         rotary = stack.rotary()
-        n_layers = len(stack.layers)
-        bar = tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress)
-        for i in bar:
+        for i in tqdm(range(len(stack.layers)), desc=desc, unit="layer", disable=not progress):
             with stack.layer(i) as (layer, device):
-                for ob in observers:
-                    ob.layer_start(i, layer)
-                for start in range(0, input_ids.shape[0], batch_size):
-                    x = states.data[start:start + batch_size].to(device)
-                    y = layer(x, **_batch_kwargs(stack, rotary.to(device), x))
-                    y = y[0] if isinstance(y, tuple) else y
-                    for ob in observers:
-                        ob.batch(i, x, y)
-                    states.data[start:start + batch_size] = y.to(states.data.device)
-                for ob in observers:
-                    ob.layer_end(i)
+                visit(i, layer, LayerPass(stack, rotary.to(device), states, input_ids.shape[0], batch_size, device))
         return int(input_ids.numel())
     finally:
-        states.close()
+        for st in states.values():
+            st.close()
+
+
+def layer_output(layer, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    y = layer(x, **kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.inference_mode()
+def run_layers(stack, input_ids: torch.Tensor, observers: list, batch_size: int = 2, progress: bool = True,
+               desc: str = "layers", scratch: Optional[Path] = None) -> int:
+    """Push `input_ids` [n, seq] through every decoder layer of `stack`, showing each batch's input and output
+    to the observers; returns the number of tokens."""
+
+    def visit(i, layer, lp: LayerPass) -> None:
+        for ob in observers:
+            ob.layer_start(i, layer)
+        for sl, kwargs in lp.batches():
+            x = lp.read("main", sl)
+            y = layer_output(layer, x, kwargs)
+            for ob in observers:
+                ob.batch(i, x, y)
+            lp.write("main", sl, y)
+        for ob in observers:
+            ob.layer_end(i)
+
+    return walk_layers(stack, input_ids, visit, ("main",), batch_size, progress, desc, scratch)
 
 
 # --- choosing a stack ------------------------------------------------------------------------------

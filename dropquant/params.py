@@ -84,6 +84,30 @@ class QuantizeParams(_Section):
     imatrix: bool = False
 
 
+HEAL_METHODS = ("none", "linear", "distill", "linear+distill")
+HEAL_TRAIN = ("norms", "lora", "all")
+
+
+class HealParams(_Section):
+    """Healing after the drop (dropquant/heal.py, dropquant/distill.py)."""
+    method: Literal[HEAL_METHODS] = "none"
+    holdout: int = Field(4, ge=1)  # calibration samples no fit sees: the held-out loss and early stopping
+    # linear: each dropped attention (and dropped block) replaced by X + W·LN(X), W by ridge least squares
+    ridge: float = Field(1e-3, ge=0)  # ridge strength, relative to the mean eigenvalue of LN(X)ᵀLN(X)
+    fit_on: Literal["base", "healed"] = "base"  # inputs of the fit: the unpruned model's, or the partially healed model's
+    # distill: KL to the unpruned model's next-token distribution (its top-k cached) on the calibration tokens
+    train: Literal[HEAL_TRAIN] = "lora"  # what is trained: norms | lora (merged back into the weights) | all
+    lora_rank: int = Field(16, ge=1)
+    steps: int = Field(200, ge=1)  # optimizer steps (at most; early stopping may end sooner)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(1, ge=1)  # calibration sequences per step
+    topk: int = Field(64, ge=1)  # teacher probabilities kept per token (the rest as one bucket)
+    hidden_weight: float = Field(0.0, ge=0)  # weight of final hidden-state matching beside the KL
+    eval_every: int = Field(20, ge=1)  # steps between held-out evaluations
+    patience: int = Field(3, ge=1)  # held-out evaluations without improvement before stopping
+    seed: int = 0
+
+
 class ChatParams(_Section):
     """Chat quality under the model's chat template, greedy (dropquant/evaluation/chat_eval.py)."""
     tasks: list[Literal["ifeval", "gsm8k", "mt_bench"]] = ["ifeval", "gsm8k", "mt_bench"]  # [] = off
@@ -165,9 +189,17 @@ class Params(_Section):
     calibration: CalibrationParams = CalibrationParams()
     score: ScoreParams = ScoreParams()
     drop: DropParams = DropParams()
+    heal: HealParams = HealParams()
     quantize: QuantizeParams = QuantizeParams()
     eval: EvalParams = EvalParams()
     sweep: SweepParams = SweepParams()
+
+    @model_validator(mode="after")
+    def _heal_has_training_tokens(self):
+        if self.heal.method != "none" and self.calibration.n_samples <= self.heal.holdout:
+            raise ValueError(f"heal.holdout ({self.heal.holdout}) must be below calibration.n_samples "
+                             f"({self.calibration.n_samples}): the held-out samples are taken from the calibration tokens")
+        return self
 
 
 def _format(err: ValidationError, origin: str) -> str:

@@ -11,7 +11,11 @@ In memory:
 On disk (`save_pruned`): model.safetensors holds exactly the kept tensors (tied lm_head omitted), and
 config.json is the model's config with num_hidden_layers = kept blocks plus a "dropquant" record:
   {"base_num_hidden_layers": L, "kept_layers": [original index of each kept block],
-   "dropped_attn": [kept-layer indices], "dropped_mlp": [kept-layer indices], "model_type": "llama"}
+   "dropped_attn": [kept-layer indices], "dropped_mlp": [kept-layer indices], "model_type": "llama",
+   "linear_attn": [kept-layer indices]}
+"linear_attn" (written by the heal stage; a subset of dropped_attn) names the layers whose dropped attention
+is replaced by a linear stand-in: X + W·LN(X), with the layer's own input_layernorm and a hidden x hidden
+`linear_attn` matrix (llama.cpp's deci "linear attention"), which holds no KV cache.
 With sublayers dropped, config.json's model_type is PRUNED_MODEL_TYPE, so that a plain transformers load
 fails instead of filling the dropped modules with random weights; the record keeps the real model type.
 `load_pruned` rebuilds the standard architecture from that config, applies the record, and loads the
@@ -44,18 +48,30 @@ MLP_PARTS = ("post_attention_layernorm", "mlp")
 
 # --- the pruned decoder layer ------------------------------------------------------------------------
 
+def attention_half(layer, hidden_states, **kwargs):
+    """X + Attn(LN(X)) of a decoder layer (X + W·LN(X) for a linear stand-in, X when the attention is dropped),
+    exactly as the upstream layer computes its first half."""
+    if layer.self_attn is not None:
+        attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+        return hidden_states + attn_out
+    standin = getattr(layer, "linear_attn", None)
+    if standin is not None:
+        return hidden_states + standin(layer.input_layernorm(hidden_states))
+    return hidden_states
+
+
+def mlp_half(layer, hidden_states):
+    """X + MLP(LN(X)) of a decoder layer (X when the MLP is dropped)."""
+    if layer.mlp is None:
+        return hidden_states
+    return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
+
 def _pruned_forward(self, hidden_states, *args, **kwargs):
     """The decoder layer with either half optional; each present half is computed exactly as upstream."""
     if args:
         raise TypeError("pruned decoder layers take keyword arguments only")
-    if self.self_attn is not None:
-        residual = hidden_states
-        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-        hidden_states = residual + attn_out
-    if self.mlp is not None:
-        residual = hidden_states
-        hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
-    return hidden_states
+    return mlp_half(self, attention_half(self, hidden_states, **kwargs))
 
 
 _PRUNED_CLASSES: dict[type, type] = {}
@@ -75,6 +91,19 @@ def _drop_parts(layer, parts: tuple[str, ...]) -> None:
     for name in parts:
         setattr(layer, name, None)  # the module (and its weights) is released; state_dict skips None
     layer.__class__ = _pruned_class(type(layer))
+
+
+def add_linear_standin(layer, hidden_size: int):
+    """Give an attention-dropped layer its linear stand-in (zero: the layer computes what the drop did)."""
+    import torch
+
+    if layer_has_attention(layer) or getattr(layer, "input_layernorm", None) is None:
+        raise DropquantError("a linear stand-in replaces a dropped attention that kept its input_layernorm")
+    ref = layer.input_layernorm.weight
+    layer.linear_attn = torch.nn.Linear(hidden_size, hidden_size, bias=False, device=ref.device, dtype=ref.dtype)
+    if ref.device.type != "meta":
+        torch.nn.init.zeros_(layer.linear_attn.weight)
+    return layer.linear_attn
 
 
 def layer_has_attention(layer) -> bool:
@@ -111,12 +140,15 @@ def _check_layer_types(config, n_layers: int) -> None:
         return
     if len(set(layer_types)) > 1:
         raise DropquantError(f"models with mixed layer_types {sorted(set(layer_types))} are not supported by drop")
-    config.layer_types = list(layer_types[:n_layers])
+    config.layer_types = [layer_types[0]] * n_layers  # one type: a healed layout may have more layers than before
 
 
-def apply_layout(model, kept_layers: list[int], dropped_attn: list[int], dropped_mlp: list[int],
-                 base_num_layers: int) -> None:
-    """Shape `model` (with `len(kept_layers)` layers already, or `base_num_layers` to be cut) to a layout."""
+def apply_layout(model, record: dict) -> None:
+    """Shape `model` (with `len(kept_layers)` layers already, or `base_num_hidden_layers` to be cut) to the
+    layout a pruning record describes (the record is kept on its config, extra keys such as plan_id included)."""
+    kept_layers, base_num_layers = record["kept_layers"], record["base_num_hidden_layers"]
+    dropped_attn, dropped_mlp = record["dropped_attn"], record["dropped_mlp"]
+    linear_attn = record.get("linear_attn") or []
     layers = decoder_layers(model)
     if len(layers) == base_num_layers and len(kept_layers) != base_num_layers:
         keep = [layers[i] for i in kept_layers]
@@ -127,15 +159,18 @@ def apply_layout(model, kept_layers: list[int], dropped_attn: list[int], dropped
     _check_layer_types(model.config, len(kept_layers))
     model.config.num_hidden_layers = len(kept_layers)
     for i in dropped_attn:
-        _drop_parts(layers[i], ATTN_PARTS)
+        _drop_parts(layers[i], ("self_attn",) if i in linear_attn else ATTN_PARTS)
+        if i in linear_attn:
+            add_linear_standin(layers[i], int(model.config.hidden_size))
     for i in dropped_mlp:
         _drop_parts(layers[i], MLP_PARTS)
     _renumber_attention(model)
     _set_record(model.config, {
-        "base_num_hidden_layers": base_num_layers,
+        **record,
         "kept_layers": list(kept_layers),
         "dropped_attn": sorted(dropped_attn),
         "dropped_mlp": sorted(dropped_mlp),
+        **({"linear_attn": sorted(linear_attn)} if linear_attn else {}),
     })
 
 
@@ -181,7 +216,8 @@ def prune_model(model, plan: DropPlan):
     kept, attn, mlp = layout_for_plan(plan)
     if not kept:
         raise DropquantError("the drop plan removes every layer")
-    apply_layout(model, kept, attn, mlp, n_layers)
+    apply_layout(model, {"base_num_hidden_layers": n_layers, "kept_layers": kept, "dropped_attn": attn,
+                         "dropped_mlp": mlp})
     return model
 
 
@@ -224,8 +260,8 @@ def _write_pruned(model, path, load, generation_config, tokenizer, extra_files) 
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     return written
 
 
@@ -314,10 +350,13 @@ def read_record(config) -> dict:
     if len(record["kept_layers"]) != n:
         raise DropquantError(f"config.json: dropquant.kept_layers lists {len(record['kept_layers'])} layers "
                              f"but num_hidden_layers is {n}")
-    for key in ("dropped_attn", "dropped_mlp"):
-        bad = [i for i in record[key] if not 0 <= i < n]
+    for key in ("dropped_attn", "dropped_mlp", "linear_attn"):
+        bad = [i for i in record.get(key, []) if not 0 <= i < n]
         if bad:
             raise DropquantError(f"config.json: dropquant.{key} has indices {bad} outside the {n} kept layers")
+    stray = sorted(set(record.get("linear_attn", [])) - set(record["dropped_attn"]))
+    if stray:
+        raise DropquantError(f"config.json: dropquant.linear_attn lists layers {stray} whose attention is not dropped")
     return record
 
 
@@ -333,8 +372,7 @@ def load_pruned(path, dtype=None, device: str = "cpu"):
     dtype = dtype or torch.float32
     with no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_layout(model, record["kept_layers"], record["dropped_attn"], record["dropped_mlp"],
-                 record["base_num_hidden_layers"])
+    apply_layout(model, record)
 
     expected = set(model.state_dict().keys())
     tied = _tied_keys(model)

@@ -121,7 +121,7 @@ def module_gguf_names(tensor_names: Mapping[str, str]) -> dict[str, str]:
     """HF parameter -> GGUF name map (from the exporter) turned into Linear module -> GGUF name, matrices only."""
     out = {}
     for param, gname in tensor_names.items():
-        if param.endswith(".weight") and re.search(r"\.(self_attn|mlp)\.\w+_proj\.weight$", param):
+        if param.endswith(".weight") and re.search(r"\.((self_attn|mlp)\.\w+_proj|linear_attn)\.weight$", param):
             out[param[: -len(".weight")]] = gname
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = ("calibrate", "score", "drop", "quantize", "evaluate", "report")
+STAGES = ("calibrate", "score", "drop", "heal", "quantize", "evaluate", "report")
 
 
 def usage() -> str:

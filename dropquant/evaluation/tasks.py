@@ -19,6 +19,9 @@ import yaml
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "DROPQUANT_EVAL_DATA"
+# A run in a copy of the project (DVC's queued experiments run under .dvc/tmp/exps/) takes a relative data_dir
+# from the checkout it was copied from, so the same value names the same folder wherever the stage runs.
+WORKSPACE_ENV = "DROPQUANT_WORKSPACE"
 
 # The paper's few-shot settings (He et al. 2024, following the Open LLM Leaderboard); the rest are 0-shot.
 PAPER_FEWSHOT = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "winogrande": 5}
@@ -69,11 +72,13 @@ def fewshot_for(task: str, fewshot: Union[int, str]) -> int:
 
 
 def resolve_data_dir(data_dir: Optional[str], base: Optional[Path] = None) -> Optional[Path]:
-    """eval.data_dir, else $DROPQUANT_EVAL_DATA; relative paths are taken from `base` (the project root)."""
+    """eval.data_dir, else $DROPQUANT_EVAL_DATA; relative paths are taken from $DROPQUANT_WORKSPACE if set, else
+    from `base` (the project root)."""
     value = data_dir or os.environ.get(DATA_DIR_ENV) or None
     if value is None:
         return None
     path = Path(value).expanduser()
+    base = Path(os.environ[WORKSPACE_ENV]) if os.environ.get(WORKSPACE_ENV) else base
     if not path.is_absolute() and base is not None:
         path = base / path
     return path.resolve()

@@ -1,0 +1,287 @@
+"""Heal a pruned model: linear stand-ins for what the drop removed, fitted in closed form, no training.
+
+A dropped attention `X + Attn(LN(X))` becomes `X + W·LN(X)` (the layer's own input_layernorm, W hidden x
+hidden): llama.cpp's `deci` "linear attention", which keeps no KV cache. A dropped block becomes the same
+linear layer with no MLP. W is fitted by ridge least squares, layer by layer in model order, through the
+one layer-wise runner with two residual streams side by side: the unpruned model's (the target) and the
+healed model's (the inputs W sees, `fit_on: healed`), so each stand-in also absorbs the drift the layers
+before it left; `fit_on: base` fits on the unpruned model's own activations instead (the simpler baseline).
+
+The target of a stand-in is the unpruned model's residual stream after the part it replaces: after the
+attention for an attention drop (the layer's MLP then runs on the healed stream), after the whole block
+for a block drop. A dropped MLP has no stand-in (llama.cpp's FFN is gated, so no linear form is exact).
+
+The healed checkpoint has the pruned checkpoint's format: its record gains `linear_attn` (the kept-layer
+indices of stand-ins; dropped blocks come back as layers with attention and MLP dropped and a stand-in)
+and `heal_id`. The stage's heal.json names what it was made from; `read_heal` checks it for a consumer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .artifacts import PLAN_ID, check_same, json_digest, read_json
+from .errors import DropquantError
+from .layerwise import LayerPass, layer_output, walk_layers
+from .pruning import RECORD_KEY, attention_half, mlp_half
+
+log = logging.getLogger(__name__)
+
+HEAL_FILE = "heal.json"
+HEAL_ID = "heal_id"
+STANDIN_KEY = "linear_attn.weight"
+# Files of a checkpoint directory that are not its weights or config: carried into the healed one as they are.
+_WEIGHTS_AND_CONFIG = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+# --- which layers get a stand-in, and the healed layout ------------------------------------------------------
+
+def standin_layers(plan) -> list[int]:
+    """Original indices of the layers whose attention the plan drops (alone, with the MLP, or as a block)."""
+    return sorted(set(plan.attn) | set(plan.blocks))
+
+
+def healed_record(plan, pruned_record: dict, linear: list[int]) -> dict:
+    """The pruning record of the healed layout: the plan's drops, with a stand-in at each of `linear`
+    (original indices); a layer that lost both halves is kept when it has a stand-in."""
+    attn_gone = set(plan.attn) | set(plan.blocks)
+    mlp_gone = set(plan.mlp) | set(plan.blocks)
+    linear = set(linear)
+    kept = [i for i in range(plan.num_layers) if not (i in attn_gone and i in mlp_gone) or i in linear]
+    return {
+        **pruned_record,
+        "kept_layers": kept,
+        "dropped_attn": [k for k, i in enumerate(kept) if i in attn_gone],
+        "dropped_mlp": [k for k, i in enumerate(kept) if i in mlp_gone],
+        "linear_attn": [k for k, i in enumerate(kept) if i in linear],
+    }
+
+
+# --- the closed-form fit -------------------------------------------------------------------------------------
+
+@dataclass
+class LinearFit:
+    """Fitted stand-ins by original layer index: W [hidden, hidden] and the layer's input norm."""
+
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    explained: dict[int, float] = field(default_factory=dict)  # share of the target's energy W reproduces
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class _Normal:
+    """The normal equations of Y ≈ Z Wᵀ, accumulated batch by batch (float64 sums of float32 products)."""
+
+    def __init__(self, hidden: int, device):
+        self.ztz = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
+        self.zty = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
+        self.yty = 0.0
+
+    def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        z = z.reshape(-1, z.shape[-1]).float()
+        y = y.reshape(-1, y.shape[-1]).float()
+        self.ztz += (z.T @ z).double()
+        self.zty += (z.T @ y).double()
+        self.yty += float((y.double() ** 2).sum())
+
+    def solve(self, ridge: float, layer: int) -> tuple[torch.Tensor, float]:
+        h = self.ztz.shape[0]
+        lam = ridge * float(torch.trace(self.ztz)) / h
+        a = self.ztz + lam * torch.eye(h, dtype=self.ztz.dtype, device=self.ztz.device)
+        try:
+            wt = torch.linalg.solve(a, self.zty)  # [in, out]
+        except RuntimeError:  # torch raises a LinAlgError (a RuntimeError) on a singular system
+            raise DropquantError(f"layer {layer}: the stand-in's least-squares system is singular "
+                                 "(too few calibration tokens for the hidden size?); set heal.ridge > 0") from None
+        residual = self.yty - 2 * float((wt * self.zty).sum()) + float((wt * (self.ztz @ wt)).sum())
+        return wt.T.contiguous(), 1.0 - residual / self.yty if self.yty > 0 else 1.0
+
+
+@torch.inference_mode()
+def fit_linear(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: str = "healed", batch_size: int = 2,
+               progress: bool = True, scratch: Optional[Path] = None) -> LinearFit:
+    """Fit a stand-in for every layer of `standin_layers(plan)` on `input_ids`, `stack` being the unpruned model."""
+    if plan.num_layers != len(stack.layers):
+        raise DropquantError(f"the drop plan is for a {plan.num_layers}-layer model, the model has "
+                             f"{len(stack.layers)} layers")
+    attn_gone = set(plan.attn) | set(plan.blocks)
+    mlp_gone = set(plan.mlp) | set(plan.blocks)
+    fit = LinearFit()
+    start = time.perf_counter()
+
+    def healed_rest(layer, i, mid: torch.Tensor) -> torch.Tensor:
+        return mid if i in mlp_gone else mlp_half(layer, mid)
+
+    def visit(i: int, layer, lp: LayerPass) -> None:
+        if i not in attn_gone:  # the healed layer is the base layer, its MLP possibly dropped
+            for sl, kw in lp.batches():
+                lp.write("base", sl, layer_output(layer, lp.read("base", sl), kw))
+                xh = lp.read("healed", sl)
+                lp.write("healed", sl, healed_rest(layer, i, attention_half(layer, xh, **kw)))
+            return
+        normal = _Normal(int(stack.config.hidden_size), lp.device)
+        norm = layer.input_layernorm
+        for sl, kw in lp.batches():
+            xb = lp.read("base", sl)
+            mid = attention_half(layer, xb, **kw)
+            yb = mlp_half(layer, mid)
+            x = lp.read("healed", sl) if fit_on == "healed" else xb
+            normal.add(norm(x), (yb if i in mlp_gone else mid) - x)
+            lp.write("base", sl, yb)
+        w, explained = normal.solve(ridge, i)
+        fit.weights[i] = w.to("cpu", torch.float32)
+        fit.explained[i] = explained
+        # The drop removed the layer's input_layernorm with its attention; the stand-in brings it back.
+        fit.norms[i] = norm.weight.detach().to("cpu", torch.float32).clone()
+        w = w.to(norm.weight.dtype)
+        for sl, kw in lp.batches():
+            xh = lp.read("healed", sl)
+            lp.write("healed", sl, healed_rest(layer, i, xh + norm(xh) @ w.T))
+        log.info("layer %d: stand-in explains %.1f%% of the %s it replaces", i, 100 * explained,
+                 "block" if i in mlp_gone else "attention")
+
+    fit.tokens = walk_layers(stack, input_ids, visit, ("base", "healed"), batch_size, progress, "fitting stand-ins",
+                             scratch)
+    fit.seconds = time.perf_counter() - start
+    return fit
+
+
+# --- writing the healed checkpoint ---------------------------------------------------------------------------
+
+def side_files(checkpoint_dir: Path) -> dict[str, bytes]:
+    """A checkpoint's tokenizer and other side files (everything but weights and config), by name."""
+    return {p.name: p.read_bytes() for p in sorted(Path(checkpoint_dir).iterdir())
+            if p.is_file() and p.name not in _WEIGHTS_AND_CONFIG and not p.name.endswith(".safetensors")}
+
+
+def write_linear_healed(pruned_dir: Path, out_dir: Path, plan, fit: LinearFit, heal_id: str) -> dict:
+    """The pruned checkpoint plus the fitted stand-ins, written tensor by tensor (no model is loaded)."""
+    from transformers import GenerationConfig
+
+    from .checkpoint import Checkpoint
+    from .models import build_skeleton
+    from .pruning import _write_pruned, apply_layout, config_from_checkpoint, read_record
+
+    config = config_from_checkpoint(pruned_dir)
+    pruned_record = read_record(config)
+    record = {**healed_record(plan, pruned_record, sorted(fit.weights)), HEAL_ID: heal_id}
+    dtype = getattr(config, "dtype", None) or Checkpoint(pruned_dir).floating_dtype()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    config.num_hidden_layers = len(record["kept_layers"])
+    skeleton = build_skeleton(config, dtype)
+    apply_layout(skeleton, record)
+
+    pruned = Checkpoint(pruned_dir)
+    in_pruned = {orig: k for k, orig in enumerate(pruned_record["kept_layers"])}
+    extra = {}
+    for k, orig in enumerate(record["kept_layers"]):
+        if orig in fit.weights:
+            extra[f"model.layers.{k}.{STANDIN_KEY}"] = fit.weights[orig]
+        if orig in fit.norms:
+            extra[f"model.layers.{k}.input_layernorm.weight"] = fit.norms[orig]
+    state = skeleton.state_dict()
+
+    def load(name: str):
+        if name in extra:
+            return extra[name].to(state[name].dtype)
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            parts[2] = str(in_pruned[record["kept_layers"][int(parts[2])]])
+        return pruned.get(".".join(parts))
+
+    try:
+        generation = GenerationConfig.from_pretrained(str(pruned_dir))
+    except OSError:
+        generation = None
+    return _write_pruned(skeleton, out_dir, load, generation, None, side_files(pruned_dir))
+
+
+def standin_parameters(fit: LinearFit) -> int:
+    return sum(w.numel() for w in fit.weights.values()) + sum(n.numel() for n in fit.norms.values())
+
+
+# --- the heal artifact ---------------------------------------------------------------------------------------
+
+def heal_id(heal_params: dict, plan_id: str, calibration_sha256: Optional[str]) -> str:
+    """Digest of everything a healed checkpoint follows from."""
+    return json_digest({"heal": heal_params, PLAN_ID: plan_id, "calibration_sha256": calibration_sha256})
+
+
+def read_heal(directory: str | Path, plan: dict) -> tuple[dict, Optional[Path]]:
+    """(heal.json, the checkpoint to export: the healed one, or None for the pruned one as it is), refused
+    when it was made for another plan or its checkpoint is not the one it describes."""
+    directory = Path(directory)
+    hint = "run the heal stage"
+    record = read_json(directory / HEAL_FILE, "heal record", hint)
+    check_same(str(directory / HEAL_FILE), PLAN_ID, record.get(PLAN_ID), plan[PLAN_ID],
+               f"it heals another drop plan than the current one; {hint}")
+    if not record.get("checkpoint"):
+        return record, None
+    checkpoint = directory / record["checkpoint"]
+    config = read_json(checkpoint / "config.json", "healed checkpoint", hint)
+    check_same(f"{checkpoint}/config.json", HEAL_ID, (config.get(RECORD_KEY) or {}).get(HEAL_ID), record.get(HEAL_ID),
+               f"the checkpoint is not the one {directory / HEAL_FILE} describes (an interrupted heal stage?); {hint}")
+    return record, checkpoint
+
+
+# --- the whole heal: linear, distill, or both ------------------------------------------------------------------
+
+def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Path, tokens: torch.Tensor,
+         calibration_sha256: str, open_base, dtype: torch.dtype, device: str, batch_size: int = 2,
+         progress: bool = True) -> dict:
+    """Heal the pruned checkpoint `pruned_dir` cut by `plan` into `out_dir` (a fresh directory); returns the
+    record written as heal.json. `open_base()` gives the unpruned model's layer stack (in memory or streamed)."""
+    from .distill import distill, teacher_targets
+    from .pruning import load_pruned, save_pruned
+    from .selection import DropPlan
+
+    hp = heal_params
+    record = {"method": method, PLAN_ID: plan[PLAN_ID], "params": hp.model_dump(mode="json"),
+              "calibration_sha256": calibration_sha256, "checkpoint": None}
+    record[HEAL_ID] = heal_id(record["params"], plan[PLAN_ID], calibration_sha256)
+    if method == "none":
+        return record
+    dplan = DropPlan.from_json(plan)
+    train, holdout = tokens[:-hp.holdout], tokens[-hp.holdout:]
+    record["tokens"] = {"train_samples": int(train.shape[0]), "heldout_samples": int(holdout.shape[0]),
+                        "seq_len": int(tokens.shape[1])}
+    checkpoint = out_dir / "model"
+    student_dir = pruned_dir
+    if "linear" in method:
+        layers = standin_layers(dplan)
+        if not layers:
+            log.warning("heal.method=%s: the plan drops no attention, so there is no linear stand-in to fit", method)
+        else:
+            log.info("fitting %d linear stand-ins (layers %s) on %d tokens (%s inputs, ridge %g)", len(layers),
+                     layers, train.numel(), hp.fit_on, hp.ridge)
+            fit = fit_linear(open_base(), dplan, train, ridge=hp.ridge, fit_on=hp.fit_on, batch_size=batch_size,
+                             progress=progress)
+            student_dir = out_dir / "linear" if "distill" in method else checkpoint
+            write_linear_healed(pruned_dir, student_dir, dplan, fit, record[HEAL_ID])
+            record["linear"] = {"layers": sorted(fit.weights), "explained": {str(k): v for k, v in fit.explained.items()},
+                                "params_added": standin_parameters(fit), "seconds": round(fit.seconds, 2)}
+    if "distill" in method:
+        targets = teacher_targets(open_base(), tokens, hp.topk, hidden=hp.hidden_weight > 0, batch_size=batch_size,
+                                  progress=progress)
+        n_train = train.shape[0]
+        student = load_pruned(student_dir, torch.float32, device)
+        student, result = distill(student, targets.select(slice(0, n_train)), targets.select(slice(n_train, None)),
+                                  what=hp.train, lora_rank=hp.lora_rank, steps=hp.steps, lr=hp.lr,
+                                  batch_size=hp.batch_size, hidden_weight=hp.hidden_weight, eval_every=hp.eval_every,
+                                  patience=hp.patience, seed=hp.seed, device=device, progress=progress)
+        student.config.dropquant[HEAL_ID] = record[HEAL_ID]
+        save_pruned(student.to(dtype), checkpoint, extra_files=side_files(student_dir))
+        record["distill"] = result.to_json()
+        if student_dir != pruned_dir:
+            import shutil
+
+            shutil.rmtree(student_dir)
+    if checkpoint.is_dir():
+        record["checkpoint"] = checkpoint.name
+    return record

@@ -1,0 +1,196 @@
+"""Healing after the drop: the closed-form linear stand-ins (fit, layout, reload, GGUF parity) and distillation."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from dropquant.errors import DropquantError
+from dropquant.heal import fit_linear, healed_record, write_linear_healed
+from dropquant.layerwise import InMemoryStack
+from dropquant.pruning import load_pruned, prune_model, save_pruned
+from tests.conftest import make_tiny, make_tiny_llama
+from tests.gguf_helpers import check_q8_0_runs, llama_logits, plan, random_ids, tiny_llama, torch_logits
+
+torch.set_num_threads(1)
+
+
+class LinearAttention(torch.nn.Module):
+    """An attention module that is exactly linear in its (normed) input: what a stand-in can reproduce."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, hidden_states, **kwargs):
+        return hidden_states @ self.weight.T, None
+
+
+def _ids(n=6, seq=32, vocab=128, seed=0):
+    return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _healed(base, p, tmp_path, ids, **fit_kw):
+    """The pruned checkpoint of `base` under plan `p`, healed with stand-ins fitted on `ids`; (dir, fit)."""
+    save_pruned(prune_model(copy.deepcopy(base), p), tmp_path / "pruned")
+    fit = fit_linear(InMemoryStack(base), p, ids, progress=False, **{"ridge": 1e-4, **fit_kw})
+    write_linear_healed(tmp_path / "pruned", tmp_path / "healed", p, fit, "test")
+    return tmp_path / "healed", fit
+
+
+def _reference_forward(base, p, fit, ids):
+    """The healed model by hand from the unpruned model's modules and the fitted weights."""
+    from dropquant.layerwise import _batch_kwargs
+
+    attn_gone, mlp_gone = set(p.attn) | set(p.blocks), set(p.mlp) | set(p.blocks)
+    m = base.model
+    with torch.no_grad():
+        h = m.embed_tokens(ids)
+        kw = _batch_kwargs(InMemoryStack(base), m.rotary_emb, h)
+        for i, layer in enumerate(m.layers):
+            if i in attn_gone:
+                h = h + layer.input_layernorm(h) @ fit.weights[i].T
+            else:
+                h = h + layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0]
+            if i not in mlp_gone:
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return base.lm_head(m.norm(h))
+
+
+@pytest.mark.parametrize("fit_on", ["healed", "base"])
+def test_closed_form_fit_reproduces_a_layer_that_is_linear(fit_on):
+    base = make_tiny_llama(layers=4)
+    truth = torch.randn(64, 64, generator=torch.Generator().manual_seed(3)) * 0.1
+    base.model.layers[2].self_attn = LinearAttention(truth.clone())
+    fit = fit_linear(InMemoryStack(base), plan(attn=[2], layers=4), _ids(), ridge=0.0, fit_on=fit_on, progress=False)
+    assert torch.allclose(fit.weights[2], truth, atol=1e-4)
+    assert fit.explained[2] == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(fit.norms[2], base.model.layers[2].input_layernorm.weight.detach())
+
+
+def test_healed_layout_keeps_a_dropped_block_as_a_linear_layer():
+    p = plan(attn=[0, 2], mlp=[1, 2], blocks=[4], layers=6)
+    pruned_record = {"base_num_hidden_layers": 6, "kept_layers": [0, 1, 3, 5], "dropped_attn": [0], "dropped_mlp": [1],
+                     "plan_id": "p"}
+    rec = healed_record(p, pruned_record, [0, 2, 4])
+    assert rec["kept_layers"] == [0, 1, 2, 3, 4, 5]
+    assert (rec["dropped_attn"], rec["dropped_mlp"], rec["linear_attn"]) == ([0, 2, 4], [1, 2, 4], [0, 2, 4])
+    assert rec["plan_id"] == "p"
+
+
+@pytest.mark.parametrize("fit_on", ["healed", "base"])
+def test_healed_reload_equals_the_healed_model_by_hand(fit_on, tmp_path):
+    base = make_tiny_llama(layers=6)
+    p = plan(attn=[0, 2], mlp=[1], blocks=[4], layers=6)
+    ids = _ids()
+    healed_dir, fit = _healed(base, p, tmp_path, ids, fit_on=fit_on)
+    assert sorted(fit.weights) == [0, 2, 4]
+    healed = load_pruned(healed_dir)
+    rec = healed.config.dropquant
+    assert rec["kept_layers"] == [0, 1, 2, 3, 4, 5] and rec["linear_attn"] == [0, 2, 4] and rec["heal_id"] == "test"
+    assert [layer.self_attn is None for layer in healed.model.layers] == [True, False, True, False, True, False]
+    with torch.no_grad():
+        got = healed(ids[:2]).logits
+    assert torch.allclose(got, _reference_forward(base, p, fit, ids[:2]), atol=1e-5)
+    # The stand-ins win back part of what the drop lost (on the tokens they were fitted on).
+    with torch.no_grad():
+        ref = base(ids).logits.log_softmax(-1)
+        kl = {name: (ref.exp() * (ref - m(ids).logits.log_softmax(-1))).sum(-1).mean().item()
+              for name, m in (("healed", healed), ("pruned", load_pruned(tmp_path / "pruned")))}
+    assert kl["healed"] < kl["pruned"]
+
+
+def test_a_plan_for_another_model_is_refused_before_any_work():
+    base = make_tiny_llama(layers=4)
+    with pytest.raises(DropquantError, match="6-layer model"):
+        fit_linear(InMemoryStack(base), plan(attn=[1], layers=6), _ids(), ridge=1e-3, progress=False)
+
+
+# --- GGUF: the stand-ins are deci's linear attention, exactly ---------------------------------------------
+
+@pytest.mark.parametrize("drops", [{"attn": [0, 3]}, {"attn": [2], "blocks": [0, 4]}, {"attn": [1], "mlp": [1, 3]}],
+                         ids=["attn-with-layer-0", "blocks-with-layer-0", "attn-and-mlp-same-layer"])
+def test_gguf_parity_of_linear_standins(drops, tmp_path, tokenizer_gguf):
+    import gguf
+
+    from dropquant.gguf_export import ARCH_DECI, export_checkpoint
+
+    base = tiny_llama()
+    p = plan(**drops)
+    ids = torch.tensor([random_ids(48, seed=s) for s in range(4)])
+    healed_dir, fit = _healed(base, p, tmp_path, ids)
+    healed = load_pruned(healed_dir)
+    test_ids = random_ids(48, seed=11)
+    ref = torch_logits(healed, test_ids)
+    info = export_checkpoint(healed_dir, tmp_path / "model.gguf", tokenizer_gguf=tokenizer_gguf)
+    assert info.arch == ARCH_DECI
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    hc = list(reader.fields["deci.attention.head_count"].contents())
+    kv = list(reader.fields["deci.attention.head_count_kv"].contents())
+    linear = [b for b, blk in enumerate(info.blocks) if blk.attn == "linear"]
+    assert len(linear) == len(fit.weights)
+    assert all(hc[b] == 4 and kv[b] == 0 for b in linear)  # head_count > 0 (block 0 sets the head size), no KV
+    got = llama_logits(tmp_path / "model.gguf", test_ids)
+    assert np.abs(got - ref).max() <= 1e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    check_q8_0_runs(tmp_path / "model.gguf", tmp_path, ref, test_ids)
+
+
+def test_linear_standins_with_no_attention_left_are_refused(tmp_path, tokenizer_gguf):
+    from dropquant.gguf_export import export_checkpoint
+
+    base = tiny_llama()
+    healed_dir, _ = _healed(base, plan(attn=range(6)), tmp_path, torch.tensor([random_ids(32)]))
+    with pytest.raises(DropquantError, match="no attention layer left"):
+        export_checkpoint(healed_dir, tmp_path / "model.gguf", tokenizer_gguf=tokenizer_gguf)
+    assert not (tmp_path / "model.gguf").exists()
+
+
+# --- distillation ------------------------------------------------------------------------------------------
+
+def _distill(what, steps=12, seed=0, hidden_weight=0.0, lr=5e-3):
+    from dropquant.distill import distill, teacher_targets
+
+    base = make_tiny("llama", layers=4, noise=0.1)  # large weights: the drop costs the tiny model a real KL
+    student = prune_model(copy.deepcopy(base), plan(attn=[1, 2], layers=4))
+    ids = _ids(n=8, seq=32)
+    targets = teacher_targets(InMemoryStack(base), ids, topk=16, hidden=hidden_weight > 0, progress=False)
+    return distill(student, targets.select(slice(0, 6)), targets.select(slice(6, None)), what=what, lora_rank=4,
+                   steps=steps, lr=lr, batch_size=2, hidden_weight=hidden_weight, eval_every=4, patience=3,
+                   seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("what", ["norms", "lora", "all"])
+def test_a_few_distillation_steps_lower_the_heldout_kl(what):
+    model, result = _distill(what, lr=3e-4 if what == "all" else 5e-3)
+    assert result.heldout_kl_best < result.heldout_kl_start
+    assert result.trainable_params > 0
+    assert not any("lora" in n for n, _ in model.named_parameters())  # LoRA merged back: a plain model
+
+
+def test_hidden_state_matching_trains_too():
+    _, result = _distill("norms", hidden_weight=1.0)
+    assert result.heldout_kl_best < result.heldout_kl_start
+
+
+def test_distillation_is_deterministic_for_a_seed():
+    a, ra = _distill("lora", steps=6, seed=1)
+    b, rb = _distill("lora", steps=6, seed=1)
+    assert ra.heldout == rb.heldout
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_bucket_kl_is_the_full_kl_when_k_is_the_vocabulary():
+    from dropquant.distill import bucket_kl
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(3, 5, 20, generator=g), torch.randn(3, 5, 20, generator=g)
+    tl = t.log_softmax(-1)
+    full = (tl.exp() * (tl - s.log_softmax(-1))).sum(-1).mean()
+    values, ids = tl.topk(20, dim=-1)
+    assert bucket_kl(s, ids, values).item() == pytest.approx(full.item(), rel=1e-4)
+    values, ids = tl.topk(5, dim=-1)
+    assert bucket_kl(s, ids, values).item() <= full.item() + 1e-6  # fewer buckets: a lower bound
