@@ -288,7 +288,7 @@ def test_unknown_stage_is_named(capsys):
     assert main(["bogus"]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == ("dropquant: unknown stage 'bogus' "
-                                    "(stages: calibrate, score, drop, quantize, evaluate, report)")
+                                    "(stages: calibrate, score, drop, heal, quantize, evaluate, report)")
     assert captured.out == ""
 
 
