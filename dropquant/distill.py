@@ -209,7 +209,7 @@ def distill(model, train: TeacherTargets, holdout: TeacherTargets, *, what: str,
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            running.append(float(loss))
+            running.append(float(loss.detach()))
             bar.set_postfix(loss=f"{sum(running[-10:]) / len(running[-10:]):.4f}", heldout=f"{best:.4f}")
             result.steps = step
             if step % eval_every == 0 or step == steps:

@@ -247,6 +247,9 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
     record[HEAL_ID] = heal_id(record["params"], plan[PLAN_ID], calibration_sha256)
     if method == "none":
         return record
+    if tokens.shape[0] <= hp.holdout:
+        raise DropquantError(f"heal.holdout={hp.holdout} leaves no calibration sample to fit on: the calibration "
+                             f"tokens have {tokens.shape[0]} samples")
     dplan = DropPlan.from_json(plan)
     train, holdout = tokens[:-hp.holdout], tokens[-hp.holdout:]
     record["tokens"] = {"train_samples": int(train.shape[0]), "heldout_samples": int(holdout.shape[0]),

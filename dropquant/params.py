@@ -173,6 +173,7 @@ class SweepParams(_Section):
     methods: list[Literal[DROP_METHODS]] = ["attn", "mlp", "block", "joint"]
     n: list[int] = [4, 8]
     quant_types: list[Literal[QUANT_TYPES]] = ["Q8_0"]
+    heal: list[Literal[HEAL_METHODS]] = ["none"]
     set: list[str] = []  # extra `section.key=value` overrides applied to every variant (e.g. eval.limit=50)
     cron: str = "0 3 * * *"  # scheduled sweeps (`make serve`), in the server's time zone
 

@@ -21,6 +21,7 @@ SIZE = "size_mb"
 MARKERS = {"none": "*", "attn": "o", "mlp": "s", "block": "^", "joint": "D"}
 COLUMNS = (  # (header, row key, format)
     ("experiment", "name", "{}"), ("method", "method", "{}"), ("n", "n", "{}"), ("quant", "quant_type", "{}"),
+    ("heal", "heal", "{}"),
     ("avg acc", "avg", "{:.4f}"), ("Δ acc", "avg_delta", "{:+.4f}"), ("tg speed-up", "speedup", "{:.3f}×"),
     ("pp speed-up", "speedup_pp", "{:.3f}×"), ("speed noisy", "speed_noisy", "{}"),
     ("size MB", "size_mb", "{:.1f}"), ("ppl", "ppl", "{:.3f}"), ("KLD", "kld", "{:.4f}"),
@@ -53,6 +54,7 @@ def _row(entry: dict, metrics_file: str) -> dict:
         "method": metrics.get("method", _get(params, "drop", "method")),
         "n": metrics.get("n", _get(params, "drop", "n")),
         "quant_type": metrics.get("quant_type", _get(params, "quantize", "type")),
+        "heal": metrics.get("heal", _get(params, "heal", "method") or "none"),
         "avg": metrics.get(ACCURACY), "base_avg": metrics.get("base_avg"), "avg_delta": metrics.get("avg_delta"),
         "speedup": speedup, "speedup_pp": metrics.get("speedup_pp"), "size_mb": metrics.get(SIZE), "ppl": metrics.get("ppl"), "kld": metrics.get("kld"),
         "speed_noisy": {True: "yes", False: "no"}.get(metrics.get("speed_noisy")),  # the speed-ups' rounds disagreed

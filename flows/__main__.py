@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("-m", "--methods", nargs="+", help="drop methods (default: params.yaml sweep.methods)")
         g.add_argument("-n", "--n", nargs="+", type=int, help="drop counts (default: sweep.n)")
         g.add_argument("-q", "--quant-types", nargs="+", help="GGUF types (default: sweep.quant_types)")
+        g.add_argument("--heal", nargs="+", help="heal methods (default: sweep.heal)")
         g.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override applied to every variant, e.g. -S eval.limit=50 (repeatable)")
 
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _grid_parameters(args) -> dict:
-    out = {"methods": args.methods, "n": args.n, "quant_types": args.quant_types, "overrides": args.overrides or None}
+    out = {"methods": args.methods, "n": args.n, "quant_types": args.quant_types, "heal": args.heal,
+           "overrides": args.overrides or None}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -22,22 +22,26 @@ from flows._dvc import DvcFailed, check, dvc_executable, find_repo, repo_lock, r
 REUSED = {"unchanged": "reused (unchanged)", "run-cache": "reused (DVC run-cache)"}
 
 
-def variant_name(method: str, n: int, quant_type: str) -> str:
-    """A git-ref-safe experiment name, e.g. attn-8-Q4_K_M."""
-    return f"none-{quant_type}" if method == "none" else f"{method}-{n}-{quant_type}"
+def variant_name(method: str, n: int, quant_type: str, heal: str = "none") -> str:
+    """A git-ref-safe experiment name, e.g. attn-8-Q4_K_M, attn-8-Q8_0-linear-distill."""
+    name = f"none-{quant_type}" if method == "none" else f"{method}-{n}-{quant_type}"
+    return name if heal == "none" else f"{name}-{heal.replace('+', '-')}"
 
 
-def grid(methods: list[str], ns: list[int], quant_types: list[str]) -> list[dict]:
-    """Variants in run order: quant type outermost, so the baseline GGUF of each type is built once."""
+def grid(methods: list[str], ns: list[int], quant_types: list[str], heals: list[str] = ("none",)) -> list[dict]:
+    """Variants in run order: quant type outermost, so the baseline GGUF of each type is built once, and heal
+    innermost, so the variants of one drop share its calibrate/score/drop outputs back to back."""
     out, seen = [], set()
     for qt in quant_types:
         for method in methods:
             for n in ([0] if method == "none" else ns):
-                name = variant_name(method, n, qt)
-                if name not in seen:
-                    seen.add(name)
-                    out.append({"name": name, "method": method, "n": n, "quant_type": qt,
-                                "set": [f"drop.method={method}", f"drop.n={n}", f"quantize.type={qt}"]})
+                for heal in (["none"] if method == "none" else heals):  # nothing dropped, nothing to heal
+                    name = variant_name(method, n, qt, heal)
+                    if name not in seen:
+                        seen.add(name)
+                        out.append({"name": name, "method": method, "n": n, "quant_type": qt, "heal": heal,
+                                    "set": [f"drop.method={method}", f"drop.n={n}", f"quantize.type={qt}",
+                                            f"heal.method={heal}"]})
     return out
 
 
@@ -45,7 +49,8 @@ def sweep_defaults(root: Path) -> dict:
     from dropquant.params import load_params
 
     s = load_params(root / "params.yaml").sweep
-    return {"methods": s.methods, "n": s.n, "quant_types": s.quant_types, "set": s.set, "cron": s.cron}
+    return {"methods": s.methods, "n": s.n, "quant_types": s.quant_types, "heal": s.heal, "set": s.set,
+            "cron": s.cron}
 
 
 def existing_experiments(root: Path) -> set[str]:
@@ -83,7 +88,8 @@ def leftovers(root: Path) -> list[str]:
 
 @flow(name="dropquant-sweep")
 def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional[list[int]] = None,
-               quant_types: Optional[list[str]] = None, overrides: Optional[list[str]] = None,
+               quant_types: Optional[list[str]] = None, heal: Optional[list[str]] = None,
+               overrides: Optional[list[str]] = None,
                out: Optional[str] = None, title: Optional[str] = None) -> dict:
     """Run every variant of the grid (defaults: params.yaml's `sweep:` section) and write the report.
 
@@ -98,8 +104,9 @@ def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional
     methods = list(methods or defaults["methods"])
     ns = list(n if n is not None else defaults["n"])
     quant_types = list(quant_types or defaults["quant_types"])
+    heals = list(heal or defaults["heal"])
     common = [*defaults["set"], *(overrides or [])]
-    variants = grid(methods, ns, quant_types)
+    variants = grid(methods, ns, quant_types, heals)
     log.info("sweep of %d variants: %s", len(variants), ", ".join(v["name"] for v in variants))
     done, failures = [], []
     params_file = root / "params.yaml"
@@ -139,12 +146,12 @@ def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out) if out else root / "reports" / f"sweep-{stamp}"
     notes = [f"{len(done)} of {len(variants)} variants finished; grid methods={methods} n={ns} "
-             f"quant_types={quant_types}" + (f"; every variant with {' '.join(common)}" if common else ""),
+             f"quant_types={quant_types} heal={heals}" + (f"; every variant with {' '.join(common)}" if common else ""),
              f"Stages over the sweep: {summary}." if summary else "",
              "Reproduce a variant: `dvc exp apply <experiment>` then `dvc repro` (see docs/flows.md)."]
     paths = write_report(out_dir, rows, failures, title or f"dropquant sweep {stamp}", [n for n in notes if n],
                          extra={"variants": done, "grid": {"methods": methods, "n": ns, "quant_types": quant_types,
-                                                           "set": common}})
+                                                           "heal": heals, "set": common}})
     log.info("report: %s", out_dir)
     if not done:
         raise DvcFailed(f"all {len(variants)} variants failed; first error: {failures[0]['error']}"

@@ -98,7 +98,9 @@ def check_inputs(params, args) -> dict:
                              f"{_reuse_key(params)}: rerun python -m stages.evaluate --baseline (dvc repro does)")
     check_same(f"{base_eval}/manifest.json", "gguf_sha256", manifest.get("gguf_sha256"), base["sha256"],
                "rerun python -m stages.evaluate --baseline (dvc repro does)")
-    return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"]}
+    heal = (variant.get("heal") or {}).get("method") or "none"
+    check_same(f"{variant_dir}/manifest.json", "heal method", heal, params.heal.method, hint)
+    return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"], "heal": heal}
 
 
 def run_variant(params, args) -> None:
@@ -122,13 +124,13 @@ def run_variant(params, args) -> None:
 
     metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
                             accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,
-                            variant_bytes=os.path.getsize(variant), chat=chat)
+                            variant_bytes=os.path.getsize(variant), chat=chat, heal=inputs["heal"])
     # What these numbers measured: `dvc exp show` lists it, and a report refuses metrics of another variant.
     metrics["variant"] = {"plan_id": plan["plan_id"], "gguf_sha256": inputs["gguf_sha256"][:16],
                           "base_gguf_sha256": inputs["base_gguf_sha256"][:16],
                           "model": (plan.get("model") or {}).get("fingerprint"), "params": params_digest(params)}
     out = Path(args.out)
-    label = f"{method}-{n} {params.quantize.type}"
+    label = f"{method}-{n} {params.quantize.type}" + ("" if inputs["heal"] == "none" else f" healed ({inputs['heal']})")
     with atomic_dir(out / "plots") as tmp:
         write_plots(tmp, accuracy, base_accuracy, speed, label)
         write_offline_template(tmp / "offline_template.html")

@@ -1,4 +1,5 @@
-"""Quantize: the pruned checkpoint -> a GGUF file that llama.cpp runs, at quantize.type (--baseline: the unpruned model)."""
+"""Quantize: the pruned (or healed) checkpoint -> a GGUF file that llama.cpp runs, at quantize.type
+(--baseline: the unpruned model). heal.json says which checkpoint: the heal stage's, or the pruned one as it is."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from stages._cli import stage_main
 log = logging.getLogger("dropquant.quantize")
 PRUNED = Path("data/pruned")
 PLAN = Path("data/drop/plan.json")
+HEALED = Path("data/healed")
 CALIBRATION = Path("data/calibration/tokens.safetensors")
 OUT = Path("data/gguf")
 BASELINE_OUT = Path("data/baseline/gguf")
@@ -41,6 +43,7 @@ def run(params, args) -> None:
     calibration = read_calibration(args.calibration, identity)[0] if use_imatrix else None
     dtype, device = resolve_dtype(params.model.dtype, source), resolve_device(params.model.device)
 
+    heal_record = None
     if args.baseline:
         plan = None
         directory = checkpoint_dir(source)  # None: a GGUF source, loaded (dequantized) whole
@@ -53,7 +56,10 @@ def run(params, args) -> None:
         pruned_config = read_json(args.pruned / "config.json", "pruned checkpoint", "run the drop stage")
         check_pruned_matches_plan(pruned_config.get(RECORD_KEY), plan, args.pruned, args.plan)
         check_gguf_expressible(config, plan["attn"], plan["mlp"], source.spec)
-        directory = args.pruned
+        from dropquant.heal import read_heal
+
+        heal_record, healed = read_heal(args.healed, plan)
+        directory = healed or args.pruned
 
     with atomic_dir(out) as tmp:
         # Tokenizer: a GGUF source's own tokenizer keys are carried over verbatim; otherwise the checkpoint's.
@@ -79,7 +85,7 @@ def run(params, args) -> None:
             elif args.baseline:
                 stack = source_stack(source, dtype, device, params.model.stream)
             else:
-                stack = checkpoint_stack(args.pruned, dtype, device, params.model.stream)
+                stack = checkpoint_stack(directory, dtype, device, params.model.stream)
             stats = collect_imatrix_stack(stack, calibration, modules, batch_size=1, progress=True)
             del stack
             n_tok = int(calibration.numel())
@@ -109,6 +115,7 @@ def run(params, args) -> None:
             "plan_id": None if plan is None else plan["plan_id"],
             "model": identity,
             "baseline": bool(args.baseline),
+            "heal": None if heal_record is None else {k: heal_record.get(k) for k in ("method", "heal_id")},
             "imatrix": imatrix_record,
             "layout": info.summary(),
         }
@@ -122,6 +129,7 @@ def main(argv=None) -> int:
                        help=f"export the unpruned model.source instead (default output {BASELINE_OUT})")
         p.add_argument("--pruned", type=Path, default=PRUNED, help=f"pruned checkpoint (default {PRUNED})")
         p.add_argument("--plan", type=Path, default=PLAN, help=f"drop plan (default {PLAN})")
+        p.add_argument("--healed", type=Path, default=HEALED, help=f"the heal stage's output (default {HEALED})")
         p.add_argument("--calibration", type=Path, default=CALIBRATION,
                        help=f"calibration tokens for quantize.imatrix (default {CALIBRATION})")
         p.add_argument("--out", type=Path, default=None, help=f"output directory (default {OUT}, or {BASELINE_OUT})")

@@ -70,6 +70,7 @@ def test_every_attention_dropped_runs_through_drop_quantize_and_llama_cpp(workdi
     overrides = ["-S", f"model.source={source}", "-S", "drop.method=attn", "-S", f"drop.n={LAYERS}",
                  "-S", "drop.selection=reverse", "-S", "quantize.type=F32"]
     assert run_stage("drop", *overrides) == 0
+    assert run_stage("heal", *overrides) == 0
     assert run_stage("quantize", *overrides) == 0
 
     pruned = load_pruned(workdir / "data" / "pruned")

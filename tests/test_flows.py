@@ -288,3 +288,12 @@ def test_a_stage_that_fails_before_it_starts_is_named(tmp_path):
         check(run_dvc(["repro"], repo, lambda line: None))
     assert err.value.stage == "two" and "a.missing" in str(err.value)
     assert [(e.stage, e.status) for e in err.value.stages] == [("one", "ran"), ("two", "failed")]
+
+
+def test_grid_names_heal_variants_and_never_heals_an_undropped_model():
+    from flows.sweep import grid
+
+    variants = grid(["none", "attn"], [8], ["Q8_0"], ["none", "linear+distill"])
+    assert [v["name"] for v in variants] == ["none-Q8_0", "attn-8-Q8_0", "attn-8-Q8_0-linear-distill"]
+    assert variants[2]["set"][-1] == "heal.method=linear+distill"
+    assert len({v["name"] for v in grid(["attn"], [4, 8], ["Q8_0", "Q4_K_M"], ["none", "linear"])}) == 8

@@ -209,15 +209,23 @@ def workspace(tmp_path, hf_tokenizer):
     tokens = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(5))
     save_file({"input_ids": tokens}, str(tmp_path / "tokens.safetensors"))
     (tmp_path / "manifest.json").write_text(json.dumps({"model": identity, "sha256": tokens_digest(tokens)}))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"source": str(source)}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"source": str(source)}, "heal": {"holdout": 1}}))
+    assert heal_stage(tmp_path) == 0
     return tmp_path
+
+
+def heal_stage(ws, *extra):
+    from stages.heal import main
+
+    return main(["--params", str(ws / "params.yaml"), "--pruned", str(ws / "pruned"), "--plan", str(ws / "plan.json"),
+                 "--calibration", str(ws / "tokens.safetensors"), "--out", str(ws / "healed"), *extra])
 
 
 def stage(ws, *extra):
     from stages.quantize import main
 
     return main(["--params", str(ws / "params.yaml"), "--pruned", str(ws / "pruned"), "--plan", str(ws / "plan.json"),
-                 "--calibration", str(ws / "tokens.safetensors"), *extra])
+                 "--healed", str(ws / "healed"), "--calibration", str(ws / "tokens.safetensors"), *extra])
 
 
 def test_stage_variant_f32_is_the_pruned_model(workspace):
@@ -230,11 +238,49 @@ def test_stage_variant_f32_is_the_pruned_model(workspace):
     assert manifest["plan_id"] == json.loads((workspace / "plan.json").read_text())["plan_id"]
     assert manifest["size_bytes"] == (out / "model.gguf").stat().st_size
     assert manifest["sha256"] == hashlib.sha256((out / "model.gguf").read_bytes()).hexdigest()
+    assert manifest["heal"]["method"] == "none"
 
     ids = list(range(1000, 1040))
     with torch.no_grad():
         ref = load_pruned(workspace / "pruned")(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(logits(out / "model.gguf", ids) - ref).max() < 1e-2
+
+    # heal.method none: the GGUF is byte for byte the pruned checkpoint's own export.
+    from dropquant.gguf_export import export_checkpoint
+
+    direct = workspace / "direct.gguf"
+    export_checkpoint(workspace / "pruned", direct, name=f"{workspace / 'source'} dropquant")
+    assert hashlib.sha256(direct.read_bytes()).hexdigest() == manifest["sha256"]
+
+
+def test_stage_exports_the_healed_checkpoint_with_its_imatrix(workspace):
+    assert heal_stage(workspace, "-S", "heal.method=linear") == 0
+    healed = workspace / "healed" / "model"
+    out = workspace / "gguf"
+    assert stage(workspace, "--out", str(out), "-S", "quantize.type=F32") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    heal_record = json.loads((workspace / "healed" / "heal.json").read_text())
+    assert manifest["heal"] == {"method": "linear", "heal_id": heal_record["heal_id"]}
+    ids = list(range(1000, 1040))
+    with torch.no_grad():
+        ref = load_pruned(healed)(torch.tensor([ids])).logits[0].numpy()
+        plain = load_pruned(workspace / "pruned")(torch.tensor([ids])).logits[0].numpy()
+    got = logits(out / "model.gguf", ids)
+    assert np.abs(got - ref).max() < 1e-2 < np.abs(got - plain).max()
+
+    # The importance matrix covers the stand-ins (collected on the healed model, not the pruned one).
+    assert stage(workspace, "--out", str(out), "-S", "quantize.type=Q4_K_M", "-S", "quantize.imatrix=true") == 0
+    from dropquant.quantization import read_imatrix
+
+    stats = read_imatrix(out / "imatrix.gguf")
+    standin = stats["blk.0.attn_output.weight"].sums
+    assert standin.std() > 0, "the stand-in's statistics are neutral, not measured"
+
+    # A heal record for another plan is refused before any work.
+    record = {**heal_record, "plan_id": "0" * 16}
+    (workspace / "healed" / "heal.json").write_text(json.dumps(record))
+    assert stage(workspace, "--out", str(workspace / "other")) == 2
+    assert not (workspace / "other").exists()
 
 
 def test_stage_imatrix_and_baseline(workspace):

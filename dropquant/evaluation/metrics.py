@@ -89,7 +89,7 @@ def chat_metrics(chat: Optional[dict]) -> dict:
 
 def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], accuracy: dict, base_accuracy: dict,
                   fidelity: Optional[dict], speed: Optional[dict], variant_bytes: int,
-                  chat: Optional[dict] = None) -> dict:
+                  chat: Optional[dict] = None, heal: str = "none") -> dict:
     per_task = {}
     for name in tasks:
         v = accuracy["tasks"].get(name, {})
@@ -102,7 +102,7 @@ def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], acc
     base_avg = average({t: base_accuracy["tasks"][t] for t in common})
     f = fidelity or {}
     return {
-        "method": method, "n": n, "quant_type": quant_type,
+        "method": method, "n": n, "quant_type": quant_type, "heal": heal,
         "size_mb": _r(variant_bytes / 1e6, 2),
         "ppl": _r(f.get("ppl")), "base_ppl": _r(f.get("base_ppl")),
         "kld": _r(f.get("kld"), 6), "kld_median": _r(f.get("kld_median"), 6), "kld_p99": _r(f.get("kld_p99"), 6),
