@@ -118,12 +118,16 @@ def fit_linear(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: st
     def healed_rest(layer, i, mid: torch.Tensor) -> torch.Tensor:
         return mid if i in mlp_gone else mlp_half(layer, mid)
 
+    # Fitted on the base's own activations, no stand-in ever sees the healed stream: it is not computed.
+    healed = fit_on == "healed"
+
     def visit(i: int, layer, lp: LayerPass) -> None:
         if i not in attn_gone:  # the healed layer is the base layer, its MLP possibly dropped
             for sl, kw in lp.batches():
                 lp.write("base", sl, layer_output(layer, lp.read("base", sl), kw))
-                xh = lp.read("healed", sl)
-                lp.write("healed", sl, healed_rest(layer, i, attention_half(layer, xh, **kw)))
+                if healed:
+                    xh = lp.read("healed", sl)
+                    lp.write("healed", sl, healed_rest(layer, i, attention_half(layer, xh, **kw)))
             return
         normal = _Normal(int(stack.config.hidden_size), lp.device)
         norm = layer.input_layernorm
@@ -131,7 +135,7 @@ def fit_linear(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: st
             xb = lp.read("base", sl)
             mid = attention_half(layer, xb, **kw)
             yb = mlp_half(layer, mid)
-            x = lp.read("healed", sl) if fit_on == "healed" else xb
+            x = lp.read("healed", sl) if healed else xb
             normal.add(norm(x), (yb if i in mlp_gone else mid) - x)
             lp.write("base", sl, yb)
         w, explained = normal.solve(ridge, i)
@@ -140,14 +144,14 @@ def fit_linear(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: st
         # The drop removed the layer's input_layernorm with its attention; the stand-in brings it back.
         fit.norms[i] = norm.weight.detach().to("cpu", torch.float32).clone()
         w = w.to(norm.weight.dtype)
-        for sl, kw in lp.batches():
+        for sl, kw in (lp.batches() if healed else ()):
             xh = lp.read("healed", sl)
             lp.write("healed", sl, healed_rest(layer, i, xh + norm(xh) @ w.T))
         log.info("layer %d: stand-in explains %.1f%% of the %s it replaces", i, 100 * explained,
                  "block" if i in mlp_gone else "attention")
 
-    fit.tokens = walk_layers(stack, input_ids, visit, ("base", "healed"), batch_size, progress, "fitting stand-ins",
-                             scratch)
+    fit.tokens = walk_layers(stack, input_ids, visit, ("base", "healed") if healed else ("base",), batch_size,
+                             progress, "fitting stand-ins", scratch)
     fit.seconds = time.perf_counter() - start
     return fit
 

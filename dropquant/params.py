@@ -98,8 +98,8 @@ class HealParams(_Section):
     # distill: KL to the unpruned model's next-token distribution (its top-k cached) on the calibration tokens
     train: Literal[HEAL_TRAIN] = "lora"  # what is trained: norms | lora (merged back into the weights) | all
     lora_rank: int = Field(16, ge=1)
-    steps: int = Field(200, ge=1)  # optimizer steps (at most; early stopping may end sooner)
-    lr: float = Field(5e-4, gt=0)
+    steps: int = Field(120, ge=1)  # optimizer steps (at most; early stopping may end sooner)
+    lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(1, ge=1)  # calibration sequences per step
     topk: int = Field(64, ge=1)  # teacher probabilities kept per token (the rest as one bucket)
     hidden_weight: float = Field(0.0, ge=0)  # weight of final hidden-state matching beside the KL

@@ -181,6 +181,19 @@ def test_a_finished_variant_reproduces_bit_for_bit(tiny_repo):
     assert "up to date" in _dvc(tiny_repo, "status").stdout
 
 
+def test_changing_heal_reruns_heal_and_what_follows_never_calibrate_score_or_drop(tiny_repo):
+    _dvc(tiny_repo, "exp", "apply", "attn-1-Q8_0")
+    out = _dvc(tiny_repo, "exp", "run", "-n", "attn-1-Q8_0-linear", "-S", "heal.method=linear",
+               "-S", "heal.holdout=1").stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+    assert {"heal", "quantize", "evaluate"} <= ran and not ran & {"calibrate", "score", "drop", "baseline"}, out
+    metrics = json.loads((tiny_repo / "data" / "eval" / "metrics.json").read_text())
+    assert metrics["heal"] == "linear"
+    manifest = json.loads((tiny_repo / "data" / "gguf" / "manifest.json").read_text())
+    assert manifest["heal"]["method"] == "linear"
+    _dvc(tiny_repo, "exp", "apply", "attn-1-Q8_0")
+
+
 def test_concurrent_runs_get_a_clear_message(tiny_repo, prefect_harness):
     from flows._dvc import RepoBusy, repo_lock
     from flows.variant import variant_flow
