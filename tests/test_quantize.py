@@ -307,3 +307,18 @@ def test_stage_errors_leave_nothing(workspace, capsys):
     assert stage(workspace, "--out", str(out)) == 2
     assert "run the drop stage" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_heal_stage_refuses_before_any_work(workspace, hf_tokenizer, capsys):
+    other = workspace / "other-model"
+    save_pruned(tiny_llama(seed=1, layers=4), other, tokenizer=hf_tokenizer)
+    out = workspace / "healed"
+    import shutil
+
+    shutil.rmtree(out)
+    assert heal_stage(workspace, "-S", "heal.method=linear", "-S", f"model.source={other}") == 2
+    assert "made for model" in capsys.readouterr().err and not out.exists()
+    # Four calibration samples, all of them held out: nothing would be left to fit on.
+    assert heal_stage(workspace, "-S", "heal.method=linear", "-S", "heal.holdout=4") == 2
+    assert "leaves no calibration sample" in capsys.readouterr().err and not out.exists()
+    assert not list(workspace.glob(".healed*"))
