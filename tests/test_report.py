@@ -46,9 +46,9 @@ def test_markdown_table_formats_and_marks_missing_values():
     rows = rows_from_exp_show(EXP_SHOW, ["attn-4-Q8_0"])
     rows.append({"name": "x", "method": "mlp", "n": 8, "quant_type": "Q4_K_M"})
     lines = markdown_table(rows).splitlines()
-    assert lines[0].startswith("| experiment | method | n | quant | avg acc |")
-    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | 0.4700 | -0.0300 | 1.250× | 9.900× | – | 121.0 | 12.500 | 0.0100 | 0.900 | 0.250 | 0.000 | 0.348 | 0.144 | 0.500 | – |"
-    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – | – | – | – | – | – | – | – |"
+    assert lines[0].startswith("| experiment | method | n | quant | heal | avg acc |")
+    assert lines[2] == "| attn-4-Q8_0 | attn | 4 | Q8_0 | none | 0.4700 | -0.0300 | 1.250× | 9.900× | – | 121.0 | 12.500 | 0.0100 | 0.900 | 0.250 | 0.000 | 0.348 | 0.144 | 0.500 | – |"
+    assert lines[3] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – | – | – | – | – | – | – | – | – |"
 
 
 def test_rows_refuse_metrics_measured_for_another_variant():
