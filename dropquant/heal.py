@@ -144,9 +144,10 @@ def fit_linear(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: st
         # The drop removed the layer's input_layernorm with its attention; the stand-in brings it back.
         fit.norms[i] = norm.weight.detach().to("cpu", torch.float32).clone()
         w = w.to(norm.weight.dtype)
-        for sl, kw in (lp.batches() if healed else ()):
-            xh = lp.read("healed", sl)
-            lp.write("healed", sl, healed_rest(layer, i, xh + norm(xh) @ w.T))
+        if healed:
+            for sl, kw in lp.batches():
+                xh = lp.read("healed", sl)
+                lp.write("healed", sl, healed_rest(layer, i, xh + norm(xh) @ w.T))
         log.info("layer %d: stand-in explains %.1f%% of the %s it replaces", i, 100 * explained,
                  "block" if i in mlp_gone else "attention")
 

@@ -23,6 +23,7 @@ def run(params, args) -> None:
     from dropquant.errors import DropquantError
     from dropquant.families import check_gguf_expressible
     from dropquant.gguf_export import export_checkpoint, export_model
+    from dropquant.heal import read_heal
     from dropquant.layerwise import InMemoryStack, checkpoint_stack, source_stack
     from dropquant.models import (checkpoint_dir, load_config, load_model, model_identity, resolve_device,
                                   resolve_dtype, resolve_source)
@@ -56,8 +57,6 @@ def run(params, args) -> None:
         pruned_config = read_json(args.pruned / "config.json", "pruned checkpoint", "run the drop stage")
         check_pruned_matches_plan(pruned_config.get(RECORD_KEY), plan, args.pruned, args.plan)
         check_gguf_expressible(config, plan["attn"], plan["mlp"], source.spec)
-        from dropquant.heal import read_heal
-
         heal_record, healed = read_heal(args.healed, plan)
         directory = healed or args.pruned
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -313,8 +314,6 @@ def test_heal_stage_refuses_before_any_work(workspace, hf_tokenizer, capsys):
     other = workspace / "other-model"
     save_pruned(tiny_llama(seed=1, layers=4), other, tokenizer=hf_tokenizer)
     out = workspace / "healed"
-    import shutil
-
     shutil.rmtree(out)
     assert heal_stage(workspace, "-S", "heal.method=linear", "-S", f"model.source={other}") == 2
     assert "made for model" in capsys.readouterr().err and not out.exists()
