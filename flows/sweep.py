@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -86,6 +87,70 @@ def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in data.rglob(".*.tmp")) if data.is_dir() else []
 
 
+@dataclass
+class SweepPlan:
+    """The grid of one sweep: its axes, the overrides every variant gets, and the variants in run order."""
+    methods: list[str]
+    ns: list[int]
+    quant_types: list[str]
+    heals: list[str]
+    common: list[str]
+    variants: list[dict]
+
+    def describe(self) -> str:
+        return (f"grid methods={self.methods} n={self.ns} quant_types={self.quant_types} heal={self.heals}"
+                + (f"; every variant with {' '.join(self.common)}" if self.common else ""))
+
+
+def plan_sweep(root: Path, methods: Optional[list[str]] = None, n: Optional[list[int]] = None,
+               quant_types: Optional[list[str]] = None, heal: Optional[list[str]] = None,
+               overrides: Optional[list[str]] = None) -> SweepPlan:
+    """The grid from the arguments, params.yaml's `sweep:` section filling in what they leave out."""
+    defaults = sweep_defaults(root)
+    methods = list(methods or defaults["methods"])
+    ns = list(n if n is not None else defaults["n"])
+    quant_types = list(quant_types or defaults["quant_types"])
+    heals = list(heal or defaults["heal"])
+    return SweepPlan(methods, ns, quant_types, heals, [*defaults["set"], *(overrides or [])],
+                     grid(methods, ns, quant_types, heals))
+
+
+def stage_summary(runs: list[dict]) -> str:
+    """`calibrate: ran 1×, reused 3×; ...` over the stage events of every run of a sweep."""
+    reuse: dict[str, dict[str, int]] = {}
+    for d in runs:
+        for s in d["stages"]:
+            reuse.setdefault(s["stage"], {"ran": 0, "reused": 0})["ran" if s["status"] == "ran" else "reused"] += 1
+    return "; ".join(f"{stage}: ran {c['ran']}×, reused {c['reused']}×" for stage, c in reuse.items())
+
+
+def write_sweep_report(root: Path, plan: SweepPlan, shown, done: list[dict], failures: list[dict],
+                       out: Optional[str], title: Optional[str], log, extra_notes: tuple = (),
+                       stage_runs: Optional[list[dict]] = None) -> dict:
+    """The report of a finished sweep from `dvc exp show --json` (`shown`); raises when no variant finished."""
+    from dropquant.report import rows_from_exp_show, write_report
+
+    exp_show = json.loads(shown.output[shown.output.index("["):])
+    rows = rows_from_exp_show(exp_show, [d["name"] for d in done])
+    summary = stage_summary(done if stage_runs is None else stage_runs)
+    log.info("stages over the sweep: %s", summary)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(out) if out else root / "reports" / f"sweep-{stamp}"
+    notes = [f"{len(done)} of {len(plan.variants)} variants finished; {plan.describe()}",
+             f"Stages over the sweep: {summary}." if summary else "", *extra_notes,
+             "Reproduce a variant: `dvc exp apply <experiment>` then `dvc repro` (see docs/flows.md)."]
+    paths = write_report(out_dir, rows, failures, title or f"dropquant sweep {stamp}", [n for n in notes if n],
+                         extra={"variants": done, "grid": {"methods": plan.methods, "n": plan.ns,
+                                                           "quant_types": plan.quant_types, "heal": plan.heals,
+                                                           "set": plan.common}})
+    log.info("report: %s", out_dir)
+    if not done:
+        raise DvcFailed(f"all {len(plan.variants)} variants failed; first error: {failures[0]['error']}"
+                        if failures else "the grid is empty")
+    return {"report": {k: str(p) for k, p in paths.items()}, "experiments": [d["name"] for d in done],
+            "failures": failures, "rows": rows}
+
+
 @flow(name="dropquant-sweep")
 def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional[list[int]] = None,
                quant_types: Optional[list[str]] = None, heal: Optional[list[str]] = None,
@@ -96,17 +161,10 @@ def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional
     overrides: `section.key=value` applied to every variant (on top of sweep.set). out: report folder
     (default reports/sweep-<time>/ in the repository).
     """
-    from dropquant.report import rows_from_exp_show, write_report
-
     log = get_run_logger()
     root = find_repo(repo)
-    defaults = sweep_defaults(root)
-    methods = list(methods or defaults["methods"])
-    ns = list(n if n is not None else defaults["n"])
-    quant_types = list(quant_types or defaults["quant_types"])
-    heals = list(heal or defaults["heal"])
-    common = [*defaults["set"], *(overrides or [])]
-    variants = grid(methods, ns, quant_types, heals)
+    plan = plan_sweep(root, methods, n, quant_types, heal, overrides)
+    variants = plan.variants
     log.info("sweep of %d variants: %s", len(variants), ", ".join(v["name"] for v in variants))
     done, failures = [], []
     params_file = root / "params.yaml"
@@ -116,7 +174,7 @@ def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional
         for v in variants:
             # Every variant starts from the same params.yaml, whatever the previous one (failed or not) left there.
             params_file.write_text(base_params)
-            sets = [*common, *v["set"]]
+            sets = [*plan.common, *v["set"]]
             state = run_experiment(str(root), v["name"], sets, v["name"] in existing, return_state=True)
             if state.is_completed():
                 done.append(state.result())
@@ -135,26 +193,4 @@ def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional
             check(run_dvc(["exp", "apply", done[-1]["name"]], root, log.info))
             log.info("workspace restored to the last finished variant, %s", done[-1]["name"])
         shown = check(run_dvc(["exp", "show", "--json"], root, lambda line: None))
-    exp_show = json.loads(shown.output[shown.output.index("["):])
-    rows = rows_from_exp_show(exp_show, [d["name"] for d in done])
-    reuse = {}
-    for d in done:
-        for s in d["stages"]:
-            reuse.setdefault(s["stage"], {"ran": 0, "reused": 0})["ran" if s["status"] == "ran" else "reused"] += 1
-    summary = "; ".join(f"{stage}: ran {c['ran']}×, reused {c['reused']}×" for stage, c in reuse.items())
-    log.info("stages over the sweep: %s", summary)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(out) if out else root / "reports" / f"sweep-{stamp}"
-    notes = [f"{len(done)} of {len(variants)} variants finished; grid methods={methods} n={ns} "
-             f"quant_types={quant_types} heal={heals}" + (f"; every variant with {' '.join(common)}" if common else ""),
-             f"Stages over the sweep: {summary}." if summary else "",
-             "Reproduce a variant: `dvc exp apply <experiment>` then `dvc repro` (see docs/flows.md)."]
-    paths = write_report(out_dir, rows, failures, title or f"dropquant sweep {stamp}", [n for n in notes if n],
-                         extra={"variants": done, "grid": {"methods": methods, "n": ns, "quant_types": quant_types,
-                                                           "heal": heals, "set": common}})
-    log.info("report: %s", out_dir)
-    if not done:
-        raise DvcFailed(f"all {len(variants)} variants failed; first error: {failures[0]['error']}"
-                        if failures else "the grid is empty")
-    return {"report": {k: str(p) for k, p in paths.items()}, "experiments": [d["name"] for d in done],
-            "failures": failures, "rows": rows}
+    return write_sweep_report(root, plan, shown, done, failures, out, title, log)
