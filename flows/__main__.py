@@ -3,6 +3,7 @@
   variant  one variant, each DVC stage a Prefect task      python -m flows variant -S drop.n=4 [--name attn-4]
   sweep    a grid of variants as DVC experiments + report  python -m flows sweep -m attn mlp -n 4 8 -q Q8_0
   serve    the sweep on a schedule, local Prefect server   python -m flows serve [--cron "0 3 * * *"]
+  worker   run distributed-sweep variants in this clone    python -m flows worker --pool dropquant
 """
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ def _parser() -> argparse.ArgumentParser:
     grid_args(s)
     s.add_argument("--out", help="report folder (default: reports/sweep-<time>/)")
     s.add_argument("--title", help="report title")
+    d = s.add_argument_group("distributed (docs/flows.md): variants as flow runs on a work pool, data on a DVC remote")
+    d.add_argument("--distributed", action="store_true", help="run the variants on `python -m flows worker`s")
+    d.add_argument("--pool", default="dropquant", help="Prefect work pool (default dropquant)")
+    d.add_argument("--git-remote", default="origin", help="shared git remote for commits and experiments")
+    d.add_argument("--dvc-remote", help="DVC remote for data and run-cache (default: the repository's default)")
+    d.add_argument("--attempts", type=int, default=3, help="runs of a variant whose worker crashed (default 3)")
+    d.add_argument("--crash-after", type=int, default=90, metavar="SECONDS",
+                   help="a variant's run without a heartbeat this long counts as crashed and runs again (default 90)")
+    d.add_argument("--port", type=int, default=4200,
+                   help="without PREFECT_API_URL: the Prefect server on 127.0.0.1:PORT, started if none answers")
+
+    w = sub.add_parser("worker", help="a Prefect process worker running distributed-sweep variants in this clone")
+    w.add_argument("--repo", default=".", help="this worker's clone of the repository (default: the current directory)")
+    w.add_argument("--pool", default="dropquant", help="Prefect work pool (default dropquant)")
+    w.add_argument("--name", help="worker name (default: <host>-<clone folder>)")
+    w.add_argument("--limit", type=int, default=1, help="variants at once on this worker (default 1)")
+    w.add_argument("--git-remote", default="origin", help="the git remote sweeps come from (checked at start)")
+    w.add_argument("--dvc-remote", help="the DVC remote to check at start (default: any configured)")
 
     r = sub.add_parser("serve", help="serve the sweep on a schedule from a local Prefect server (127.0.0.1)")
     grid_args(r)
@@ -74,22 +93,45 @@ def main(argv=None) -> int:
 
     from flows._dvc import DvcFailed, RepoBusy
 
+    server = None
     try:
+        if args.command == "worker":
+            from flows.worker import start_worker
+
+            start_worker(args.repo, args.pool, args.name, args.limit, args.git_remote, args.dvc_remote)
         if args.command == "variant":
             from flows.variant import variant_flow
 
             result = variant_flow(repo=args.repo, overrides=args.overrides, stages=args.stages,
                                   experiment=args.name, retries=args.retries)
+        elif args.distributed:
+            if not os.environ.get("PREFECT_API_URL"):
+                from flows.serve import start_server
+
+                url, server = start_server("127.0.0.1", args.port)
+                os.environ["PREFECT_API_URL"] = url  # before Prefect is first imported
+            from flows.distributed import distributed_sweep_flow
+
+            result = distributed_sweep_flow(repo=args.repo, out=args.out, title=args.title, pool=args.pool,
+                                            git_remote=args.git_remote, dvc_remote=args.dvc_remote,
+                                            attempts=args.attempts, zombie_after_s=args.crash_after,
+                                            **_grid_parameters(args))
         else:
             from flows.sweep import sweep_flow
 
             result = sweep_flow(repo=args.repo, out=args.out, title=args.title, **_grid_parameters(args))
+        if args.command == "sweep":
             print(f"report: {result['report']['report.md']}")
             for f in result["failures"]:
                 print(f"failed: {f['name']}: {f['error']}", file=sys.stderr)
     except (DvcFailed, RepoBusy, FileNotFoundError) as err:
         print(f"dropquant flows {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if server is not None:
+            from flows.serve import stop
+
+            stop(server)
     if args.command == "variant":
         print(json.dumps(result["stages"]))
     return 1 if args.command == "sweep" and result["failures"] else 0
