@@ -198,11 +198,9 @@ class Scheduler:
         self.attempts, self.log, self.poll, self.pool = attempts, log, poll, pool
 
     def submit(self, name: str, parameters: dict, attempt: int):
-        from prefect.client.schemas.objects import FlowRun  # noqa: F401 - the type returned
-
         run = self.client.create_flow_run_from_deployment(
             self.deployment_id, parameters={**self.common, "name": name, **parameters},
-            name=f"{name}" if attempt == 1 else f"{name}-attempt-{attempt}", tags=["dropquant-sweep"])
+            name=name if attempt == 1 else f"{name}-attempt-{attempt}", tags=["dropquant-sweep"])
         self.log.info("submitted %s (attempt %d): flow run %s", name, attempt, run.id)
         return run.id
 

@@ -245,6 +245,20 @@ def test_a_worker_refuses_to_start_without_what_a_variant_needs(tmp_path, site):
     assert "PREFECT_API_URL is not set" in worker(site["coord"], {k: v for k, v in env.items() if k != "PREFECT_API_URL"})
 
 
+def test_the_coordinator_refuses_uncommitted_changes_workers_would_not_see(site, tmp_path):
+    params = site["coord"] / "params.yaml"
+    committed = params.read_text()
+    params.write_text(committed.replace("limit: 2", "limit: 5"))
+    try:
+        proc = _coordinator(site, "test-dirty", tmp_path / "report", "-n", "1")
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        params.write_text(committed)
+    assert proc.returncode == 2, out[-3000:]
+    assert "commit or stash these changes first" in out and "params.yaml" in out
+    assert not (tmp_path / "report").exists()
+
+
 def _runs_by_variant(url: str, pool: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for r in _flow_runs(url):
