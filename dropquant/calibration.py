@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import DropquantError
+from .workspace import workspace_path
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ def check_seq_len(config, seq_len: int) -> None:
 
 
 def resolve_files(pattern: str) -> list[Path]:
-    """A path or glob of .txt / .jsonl files, sorted so the order never depends on the file system."""
-    matches = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True))
+    """A path or glob of .txt / .jsonl files (relative: from the workspace, dropquant.workspace), sorted so the order
+    never depends on the file system."""
+    matches = sorted(Path(p) for p in glob.glob(str(workspace_path(pattern)), recursive=True))
     files = [p for p in matches if p.is_file()]
     if not files:
         raise DropquantError(f"calibration.source: no file matches '{pattern}'")

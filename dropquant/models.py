@@ -11,6 +11,7 @@ from typing import Optional
 
 from .errors import DropquantError
 from .families import family_of
+from .workspace import workspace_path
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def resolve_source(spec: str, revision: Optional[str] = None) -> ModelSource:
     if spec == EMBEDDED:
         path = embedded_gguf_path()
         return ModelSource(spec, str(path.parent), path.name)
-    path = Path(spec).expanduser()
+    path = workspace_path(spec)  # a relative path from the workspace (dropquant.workspace), not the stage's folder
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise DropquantError(f"model.source: GGUF file not found: {spec}")

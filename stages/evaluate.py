@@ -34,7 +34,7 @@ OUT = "data/eval"
 
 
 def _data_dir(params):
-    data_dir = resolve_data_dir(params.eval.data_dir, Path.cwd())
+    data_dir = resolve_data_dir(params.eval.data_dir)
     if data_dir is not None and not data_dir.is_dir():
         log.warning("eval.data_dir %s does not exist: reading task data from the Hugging Face hub instead", data_dir)
         return None

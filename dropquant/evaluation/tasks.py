@@ -16,12 +16,11 @@ from typing import Optional, Union
 
 import yaml
 
+from ..workspace import workspace_path
+
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "DROPQUANT_EVAL_DATA"
-# A run in a copy of the project (DVC's queued experiments run under .dvc/tmp/exps/) takes a relative data_dir
-# from the checkout it was copied from, so the same value names the same folder wherever the stage runs.
-WORKSPACE_ENV = "DROPQUANT_WORKSPACE"
 
 # The paper's few-shot settings (He et al. 2024, following the Open LLM Leaderboard); the rest are 0-shot.
 PAPER_FEWSHOT = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "winogrande": 5}
@@ -71,17 +70,11 @@ def fewshot_for(task: str, fewshot: Union[int, str]) -> int:
     return int(fewshot)
 
 
-def resolve_data_dir(data_dir: Optional[str], base: Optional[Path] = None) -> Optional[Path]:
-    """eval.data_dir, else $DROPQUANT_EVAL_DATA; relative paths are taken from $DROPQUANT_WORKSPACE if set, else
-    from `base` (the project root)."""
+def resolve_data_dir(data_dir: Optional[str]) -> Optional[Path]:
+    """eval.data_dir, else $DROPQUANT_EVAL_DATA; a relative path is taken from the workspace (dropquant.workspace:
+    $DROPQUANT_WORKSPACE if set, else the current directory)."""
     value = data_dir or os.environ.get(DATA_DIR_ENV) or None
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    base = Path(os.environ[WORKSPACE_ENV]) if os.environ.get(WORKSPACE_ENV) else base
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    return path.resolve()
+    return None if value is None else workspace_path(value).resolve()
 
 
 def _local_yaml(spec: TaskSpec, files: dict, include: Path) -> dict:
