@@ -14,6 +14,16 @@ import os
 import sys
 
 
+def _jobs(value: str) -> int:
+    try:
+        jobs = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of jobs, got {value!r}") from None
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {jobs}")
+    return jobs
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     grid_args(s)
     s.add_argument("--out", help="report folder (default: reports/sweep-<time>/)")
     s.add_argument("--title", help="report title")
+    s.add_argument("--jobs", type=_jobs, default=1, metavar="N",
+                   help="variants at once: N >= 2 runs them as DVC queued experiments on this machine, "
+                        "cores split between them (default 1: one after another in the workspace)")
     d = s.add_argument_group("distributed (docs/flows.md): variants as flow runs on a work pool, data on a DVC remote")
     d.add_argument("--distributed", action="store_true", help="run the variants on `python -m flows worker`s")
     d.add_argument("--pool", default="dropquant", help="Prefect work pool (default dropquant)")
@@ -119,7 +132,8 @@ def main(argv=None) -> int:
         else:
             from flows.sweep import sweep_flow
 
-            result = sweep_flow(repo=args.repo, out=args.out, title=args.title, **_grid_parameters(args))
+            result = sweep_flow(repo=args.repo, out=args.out, title=args.title, jobs=args.jobs,
+                                **_grid_parameters(args))
         if args.command == "sweep":
             print(f"report: {result['report']['report.md']}")
             for f in result["failures"]:

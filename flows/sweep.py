@@ -1,10 +1,15 @@
 """Sweep: a grid of drop methods x counts x quant types, each variant one DVC experiment, then a comparison report.
 
-Each variant is `dvc exp run -n <name> -S drop.method=.. -S drop.n=.. -S quantize.type=..` in the workspace, one
-after another. Sequential workspace runs (not `--queue`) because queued experiments run in a temporary copy of
-the git-tracked files only: uncommitted code, the venv and `../shared/data` would not be where the stages expect
-them. In the workspace DVC's run-cache serves calibrate and score (and the baseline GGUF per quant type) to
-every variant after the first; the log says so stage by stage.
+Sequential (the default, `--jobs 1`): each variant is `dvc exp run -n <name> -S drop.method=.. -S drop.n=.. -S
+quantize.type=..` in the workspace, one after another; DVC's run-cache serves calibrate and score (and the baseline
+GGUF per quant type) to every variant after the first, and the log says so stage by stage. The workspace ends up
+holding the last finished variant.
+
+Queued (`--jobs N`, N >= 2, flows/queue.py): the shared stages are primed once, then the variants run as DVC
+queued experiments, N at once in temporary copies of the repository, the workspace left as it was.
+
+Both end in write_sweep_report: `dvc exp show --json` of the finished variants, the failed ones with their stage's
+own message, and what every stage did over the sweep.
 """
 from __future__ import annotations
 
@@ -155,15 +160,22 @@ def write_sweep_report(root: Path, plan: SweepPlan, shown, done: list[dict], fai
 def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional[list[int]] = None,
                quant_types: Optional[list[str]] = None, heal: Optional[list[str]] = None,
                overrides: Optional[list[str]] = None,
-               out: Optional[str] = None, title: Optional[str] = None) -> dict:
+               out: Optional[str] = None, title: Optional[str] = None, jobs: int = 1) -> dict:
     """Run every variant of the grid (defaults: params.yaml's `sweep:` section) and write the report.
 
     overrides: `section.key=value` applied to every variant (on top of sweep.set). out: report folder
-    (default reports/sweep-<time>/ in the repository).
+    (default reports/sweep-<time>/ in the repository). jobs: variants at once; 2 or more runs them as DVC queued
+    experiments (flows/queue.py), 1 one after another in the workspace.
     """
     log = get_run_logger()
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     root = find_repo(repo)
     plan = plan_sweep(root, methods, n, quant_types, heal, overrides)
+    if jobs > 1:
+        from flows.queue import queue_sweep
+
+        return queue_sweep(root, plan, jobs, out, title, log)
     variants = plan.variants
     log.info("sweep of %d variants: %s", len(variants), ", ".join(v["name"] for v in variants))
     done, failures = [], []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,15 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, SHARED_DATA, make_tiny_llama
+from conftest import ROOT
+from flow_helpers import build_tiny_repo, dvc, make_tiny_model
 
 # Before Prefect is imported anywhere in this process: its home (profiles, local storage) in a temporary folder.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dropquant-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
-
-DVC = str(Path(sys.executable).with_name("dvc"))
-COPY = ("dvc.yaml", "params.yaml", ".dvcignore", "dropquant", "stages")
 
 
 @pytest.fixture(scope="session")
@@ -40,53 +37,14 @@ def prefect_harness():
         yield
 
 
-def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    from flows._dvc import _env
-
-    # The stages' `python` must be this venv's, as for the flows.
-    out = subprocess.run([DVC, *args], cwd=repo, capture_output=True, text=True, env=_env())
-    if check and out.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return out
+_dvc = dvc
 
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     """A git + DVC repository with this project's dvc.yaml and code, on a 4-layer random Llama with a real tokenizer."""
-    from dropquant.models import load_tokenizer, resolve_source
-
     base = tmp_path_factory.mktemp("flows")
-    model = base / "model"
-    make_tiny_llama(seed=0, layers=4, vocab=49152, hidden=64).save_pretrained(model)
-    load_tokenizer(resolve_source("embedded")).save_pretrained(model)
-    repo = base / "repo"
-    repo.mkdir()
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.is_file():
-            shutil.copy2(src, repo / name)
-    (repo / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"]["source"] = str(model)
-    params["calibration"].update(source="calib.txt", n_samples=2, seq_len=32)
-    params["drop"].update(method="attn", n=1)
-    tasks = ["arc_easy"] if (SHARED_DATA / "arc_easy").is_dir() else []
-    params["eval"].update(tasks=tasks, limit=2, speed=False, fidelity_tokens=512, n_ctx=256, threads=1,
-                          data_dir=str(SHARED_DATA))
-    params["sweep"] = {"methods": ["attn", "mlp"], "n": [1], "quant_types": ["Q8_0"], "cron": "0 3 * * *"}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("reports/\n__pycache__/\n")
-    git = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test"]
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    _dvc(repo, "init", "-q")
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "tiny pipeline"], cwd=repo, check=True)
-    # Experiments are commits: give them an identity in this repository only.
-    subprocess.run(["git", "config", "user.email", "test@example.com"], cwd=repo, check=True)
-    subprocess.run(["git", "config", "user.name", "test"], cwd=repo, check=True)
-    return repo
+    return build_tiny_repo(base / "repo", make_tiny_model(base / "model"))
 
 
 def _tmp_leftovers(repo: Path) -> list[Path]:
