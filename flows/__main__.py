@@ -87,7 +87,11 @@ def _grid_parameters(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "sweep" and args.distributed and args.jobs > 1:
+        parser.error("--jobs is for a sweep on this machine; a distributed sweep runs one variant per worker "
+                     "(start more workers, or `python -m flows worker --limit N`)")
     # Offline by default outside `make` too (before Prefect is imported): its temporary server would send telemetry.
     for key, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1")):
         os.environ.setdefault(key, value)

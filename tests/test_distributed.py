@@ -20,11 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, SHARED_DATA, make_tiny_llama
-
-DVC = str(Path(sys.executable).with_name("dvc"))
-COPY = ("dvc.yaml", "params.yaml", ".dvcignore", "dropquant", "stages")
-GIT_ID = ["-c", "user.email=test@example.com", "-c", "user.name=test"]
+from conftest import ROOT
+from flow_helpers import DVC, build_tiny_repo, make_tiny_model
 GRID = ["-m", "attn", "mlp", "block", "joint", "-q", "Q8_0"]
 NAMES = {"attn-1-Q8_0", "mlp-1-Q8_0", "block-1-Q8_0", "joint-1-Q8_0"}
 
@@ -61,58 +58,27 @@ def _clone(remote: Path, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The shared remotes, a coordinator repository and a running Prefect server (stopped at the end)."""
-    from dropquant.models import load_tokenizer, resolve_source
     from flows.serve import start_server, stop
 
     base = tmp_path_factory.mktemp("distributed")
-    model = base / "model"
-    make_tiny_llama(seed=0, layers=4, vocab=49152, hidden=64).save_pretrained(model)
-    load_tokenizer(resolve_source("embedded")).save_pretrained(model)
-    git_remote, dvc_remote, coord = base / "remote.git", base / "dvc-remote", base / "coordinator"
-    _run(["git", "init", "-q", "--bare", "-b", "main", str(git_remote)], cwd=base)
-    coord.mkdir()
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, coord / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(src, coord / name)
-    (coord / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    git_remote, dvc_remote = base / "remote.git", base / "dvc-remote"
+    coord = build_tiny_repo(base / "coordinator", make_tiny_model(base / "model"))
     params = yaml.safe_load((coord / "params.yaml").read_text())
-    params["model"]["source"] = str(model)
-    params["calibration"].update(source="calib.txt", n_samples=2, seq_len=32)
-    params["drop"].update(method="attn", n=1)
-    tasks = ["arc_easy"] if (SHARED_DATA / "arc_easy").is_dir() else []
-    params["eval"].update(tasks=tasks, limit=2, speed=False, fidelity_tokens=512, n_ctx=256, threads=1,
-                          data_dir=str(SHARED_DATA))
     params["eval"]["chat"]["tasks"] = []
     (coord / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (coord / ".gitignore").write_text("reports/\n__pycache__/\n")
-    _run(["git", "init", "-q", "-b", "main"], cwd=coord)
-    _run([DVC, "init", "-q"], cwd=coord)
+    _run(["git", "init", "-q", "--bare", "-b", "main", str(git_remote)], cwd=base)
     _run([DVC, "remote", "add", "-d", "shared", str(dvc_remote)], cwd=coord)
-    _run(["git", "add", "-A"], cwd=coord)
-    _run(["git", *GIT_ID, "commit", "-qm", "tiny pipeline"], cwd=coord)
-    for key, value in (("user.email", "test@example.com"), ("user.name", "test")):
-        _run(["git", "config", key, value], cwd=coord)
+    _run(["git", "commit", "-qam", "the shared DVC remote; no chat tasks"], cwd=coord)
     _run(["git", "remote", "add", "origin", str(git_remote)], cwd=coord)
-    _run(["git", "push", "-q", "origin", "main"], cwd=coord)
+    _run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], cwd=coord)
 
     home = base / "prefect-home"
-    os.environ.setdefault("PREFECT_HOME", str(home))
-    port = _free_port()
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY")}
-    os.environ["PREFECT_HOME"] = str(home)
-    try:
-        url, server = start_server("127.0.0.1", port, log_file=home / "server.log", timeout=120)
-    except RuntimeError as err:
-        pytest.skip(f"a local Prefect server could not start here: {err}")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_HOME", str(home))  # the server's state in this test's folder
+        try:
+            url, server = start_server("127.0.0.1", _free_port(), log_file=home / "server.log", timeout=120)
+        except RuntimeError as err:
+            pytest.skip(f"a local Prefect server could not start here: {err}")
     try:
         yield {"base": base, "git_remote": git_remote, "dvc_remote": dvc_remote, "coord": coord, "url": url,
                "home": home}
