@@ -31,7 +31,6 @@ from flows.variant import _transient, apply_overrides
 
 FLOW = "dropquant-remote-variant"
 DEPLOYMENT_NAME = "distributed"
-DEPLOYMENT = f"{FLOW}/{DEPLOYMENT_NAME}"
 POOL = "dropquant"
 AUTOMATION = "dropquant: crash flow runs whose heartbeats stopped"
 REPO_ENV = "DROPQUANT_REPO"  # the worker's clone; the process worker starts each flow run in a temporary folder

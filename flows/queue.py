@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from dropquant.workspace import WORKSPACE_ENV  # where the stages take relative paths from
 from flows._dvc import (DVC_ERROR, FAILED_STAGE, RUN_CACHE, RUNNING, UNCHANGED, DvcFailed, DvcResult, RepoBusy,
                         StageEvent, _env, check, dvc_executable, failure_message, repo_lock, run_dvc)
 
-WORKSPACE_ENV = "DROPQUANT_WORKSPACE"  # dropquant.workspace: where the stages take relative paths from
 PRIME_PREFIX = "dropquant-prime-"
 PRIME_TARGETS = ("score", "baseline_eval")  # with what they depend on: calibrate, baseline
 POLL_S = 5.0  # one `dvc queue status` costs about 1 s of CPU (dvc 3.67.1)
