@@ -119,16 +119,26 @@ def queue_status(root: Path) -> tuple[list[tuple[str, str, str]], int]:
     return tasks, workers
 
 
-def _wait_for_workers_to_exit(root: Path, log, limit_s: float = 60) -> None:
-    deadline = time.monotonic() + limit_s
+def _wait_for_workers_to_exit(root: Path, log, grace_s: float = 20, limit_s: float = 60) -> None:
+    """Until no DVC queue worker is left, asking the idle ones to stop after `grace_s`.
+
+    An idle worker exits by itself after 10 s, unless its idle monitor died: with dvc 3.67.1 / dvc-task the monitor
+    thread can crash on a half-written broker file (JSONDecodeError in the worker's log, seen here under load) and
+    the worker then idles forever. `dvc queue stop` ends it (no task of this sweep is left to wait for)."""
+    started = time.monotonic()
+    asked = False
     while True:
-        tasks, workers = queue_status(root)
+        _, workers = queue_status(root)
         if not workers:
             return
-        if time.monotonic() > deadline:
-            raise RepoBusy(f"{workers} DVC queue worker(s) still running on {root} (dvc queue status); "
-                           "stop them with `dvc queue stop` or wait for them to exit")
-        log.info("waiting for %d idle DVC queue worker(s) to exit (they keep their environment)", workers)
+        waited = time.monotonic() - started
+        if waited > limit_s:
+            raise RepoBusy(f"{workers} DVC queue worker(s) still running on {root} after `dvc queue stop` "
+                           "(dvc queue status); stop them or wait for them to exit")
+        if waited > grace_s and not asked:
+            log.info("%d idle DVC queue worker(s) still up after %.0f s: dvc queue stop", workers, waited)
+            run_dvc(["queue", "stop"], root, log.info)
+            asked = True
         time.sleep(POLL_S)
 
 
@@ -203,15 +213,17 @@ def queue_sweep(root: Path, plan, jobs: int, out: Optional[str], title: Optional
             if summary != last:
                 log.info("queue after %.0f s: %s", time.monotonic() - started, summary)
                 last = summary
+            if all(s in FINAL for s in states.values()):
+                break  # the workers are not waited on here: one may never exit by itself (below)
             if not workers:
-                if all(s in FINAL for s in states.values()):
-                    break
                 stalled += 1  # no worker left but tasks not done: give a starting worker one more look
                 if stalled >= 3:
                     break
             else:
                 stalled = 0
         wall = round(time.monotonic() - started, 1)
+        # No worker may outlive the sweep: it would keep this sweep's environment (threads) for the next one's jobs.
+        _wait_for_workers_to_exit(root, log)
 
         # 3. What every variant did, from its queue log; then the queue entries go.
         done, failures = [], []
