@@ -18,7 +18,7 @@ NOISY = 0.25  # (max - min) / median of the per-round ratios above this: interfe
 
 
 def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_steps: int = 5, rounds: int = 3) -> dict:
-    from dropquant.distill import distill, teacher_targets
+    from dropquant.distill import bf16_supported, distill, teacher_targets
     from dropquant.heal import fit_linear
     from dropquant.layerwise import InMemoryStack
     from dropquant.models import load_model, resolve_source
@@ -34,11 +34,11 @@ def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_st
     pruned = prune_model(copy.deepcopy(model), plan)
     targets = teacher_targets(InMemoryStack(model), tokens, 64, batch_size=batch_size, progress=False)
 
-    def distill_steps_run():
+    def distill_steps_run(precision="float32"):
         # Steps only: the held-out evaluations (every eval_every steps) are left out by an eval_every past the end.
         distill(copy.deepcopy(pruned), targets.select(slice(1, None)), targets.select(slice(0, 1)), what="lora",
                 lora_rank=16, steps=distill_steps, lr=5e-4, batch_size=1, hidden_weight=0.0,
-                eval_every=distill_steps + 1, patience=3, seed=0, progress=False)
+                eval_every=distill_steps + 1, patience=3, seed=0, precision=precision, progress=False)
 
     phases = {
         "score": lambda: score_model(model, tokens, batch_size, progress=False),
@@ -48,6 +48,9 @@ def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_st
                                                  progress=False),
         f"distill {distill_steps} steps": distill_steps_run,
     }
+    bf16 = f"distill {distill_steps} bf16"
+    if bf16_supported("cpu"):
+        phases[bf16] = lambda: distill_steps_run("bfloat16")
     times = {name: [] for name in phases}
     peaks = {}
     for name, fn in phases.items():  # warm-up, and each phase's peak memory above the loaded models
@@ -74,8 +77,16 @@ def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_st
               f"{flag}")
         out[name] = {"seconds": statistics.median(times[name]), "ratio": med, "spread": spread,
                      "peak_bytes": peaks[name]}
-    per_step = out[f"distill {distill_steps} steps"]["seconds"] / distill_steps
+    f32 = f"distill {distill_steps} steps"
+    per_step = out[f32]["seconds"] / distill_steps
     print(f"  one distillation step (1 × {seq_len} tokens, LoRA r16): {per_step:.2f} s")
+    if bf16 in out:  # heal.precision=bfloat16 against float32, per round, side by side
+        ratios = [a / b for a, b in zip(times[f32], times[bf16])]
+        med = statistics.median(ratios)
+        flag = "  NOISY: interference could have made this" if (max(ratios) - min(ratios)) / med > NOISY else ""
+        print(f"  bfloat16 training forward: ×{med:.2f} [{min(ratios):.2f}-{max(ratios):.2f}] faster per step than "
+              f"float32{flag}")
+        out["bf16_speedup"] = {"ratio": med, "min": min(ratios), "max": max(ratios)}
     return out
 
 

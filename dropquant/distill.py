@@ -14,6 +14,7 @@ deterministic algorithms.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -28,6 +29,34 @@ from .layerwise import LayerPass, layer_output, walk_layers
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_attn")
+
+
+def bf16_supported(device: str) -> bool:
+    """Whether `device` has bfloat16 arithmetic (CPU: AVX512-BF16 or AMX; an emulated bfloat16 is slower, not faster)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check and check())
+    return False
+
+
+def check_precision(precision: str, device: str) -> None:
+    if precision not in ("float32", "bfloat16"):
+        raise DropquantError(f"heal.precision={precision!r}: expected float32 or bfloat16")
+    if precision == "bfloat16" and not bf16_supported(device):
+        raise DropquantError(f"heal.precision=bfloat16: {device} has no bfloat16 arithmetic that torch can use "
+                             "(on a CPU it needs AVX512-BF16 or AMX); use heal.precision=float32")
+
+
+def training_precision(precision: str, device: str):
+    """The training forward's context: float32 as it is, or torch autocast to bfloat16 (the weights, the LoRA
+    adapters, the optimizer state and the loss stay float32)."""
+    check_precision(precision, device)
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -131,6 +160,7 @@ def finish_trainable(model, what: str):
 class DistillResult:
     trained: str
     trainable_params: int
+    precision: str = "float32"
     steps: int = 0
     best_step: int = 0
     heldout_kl_start: float = math.nan
@@ -171,18 +201,22 @@ def heldout_kl(model, targets: TeacherTargets, device, batch_size: int = 1) -> f
 
 def distill(model, train: TeacherTargets, holdout: TeacherTargets, *, what: str, lora_rank: int, steps: int,
             lr: float, batch_size: int, hidden_weight: float, eval_every: int, patience: int, seed: int,
-            device: str = "cpu", progress: bool = True):
-    """Train `model` (in memory, float32) towards the teacher; returns (the trained plain model, DistillResult)."""
+            device: str = "cpu", precision: str = "float32", progress: bool = True):
+    """Train `model` (in memory, float32) towards the teacher; returns (the trained plain model, DistillResult).
+
+    `precision` is the training forward's (bfloat16: autocast); held-out evaluations run in float32, as the
+    model is exported."""
     from tqdm import tqdm
 
     if hidden_weight > 0 and train.hidden is None:
         raise DropquantError("hidden-state matching needs the teacher's hidden states (teacher_targets(hidden=True))")
+    forward_precision = training_precision(precision, device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     start_time = time.perf_counter()
     try:
         model, params = prepare_trainable(model, what, lora_rank, seed)
-        result = DistillResult(trained=what, trainable_params=sum(p.numel() for p in params))
+        result = DistillResult(trained=what, trainable_params=sum(p.numel() for p in params), precision=precision)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         warmup = max(1, steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
@@ -203,7 +237,8 @@ def distill(model, train: TeacherTargets, holdout: TeacherTargets, *, what: str,
             if len(order) < batch_size:
                 order += torch.randperm(train.input_ids.shape[0], generator=gen).tolist()
             rows, order = torch.tensor(order[:batch_size]), order[batch_size:]
-            loss = _loss(model, train.select(rows), hidden_weight, device)
+            with forward_precision:
+                loss = _loss(model, train.select(rows), hidden_weight, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -242,7 +242,7 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
          progress: bool = True) -> dict:
     """Heal the pruned checkpoint `pruned_dir` cut by `plan` into `out_dir` (a fresh directory); returns the
     record written as heal.json. `open_base()` gives the unpruned model's layer stack (in memory or streamed)."""
-    from .distill import distill, teacher_targets
+    from .distill import check_precision, distill, teacher_targets
     from .pruning import load_pruned, save_pruned
     from .selection import DropPlan
 
@@ -252,6 +252,8 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
     record[HEAL_ID] = heal_id(record["params"], plan[PLAN_ID], calibration_sha256)
     if method == "none":
         return record
+    if "distill" in method:
+        check_precision(hp.precision, device)  # before the fit and the teacher pass, not after them
     if tokens.shape[0] <= hp.holdout:
         raise DropquantError(f"heal.holdout={hp.holdout} leaves no calibration sample to fit on: the calibration "
                              f"tokens have {tokens.shape[0]} samples")
@@ -282,7 +284,8 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
         student, result = distill(student, targets.select(slice(0, n_train)), targets.select(slice(n_train, None)),
                                   what=hp.train, lora_rank=hp.lora_rank, steps=hp.steps, lr=hp.lr,
                                   batch_size=hp.batch_size, hidden_weight=hp.hidden_weight, eval_every=hp.eval_every,
-                                  patience=hp.patience, seed=hp.seed, device=device, progress=progress)
+                                  patience=hp.patience, seed=hp.seed, device=device, precision=hp.precision,
+                                  progress=progress)
         student.config.dropquant[HEAL_ID] = record[HEAL_ID]
         save_pruned(student.to(dtype), checkpoint, extra_files=side_files(student_dir))
         record["distill"] = result.to_json()

@@ -86,6 +86,7 @@ class QuantizeParams(_Section):
 
 HEAL_METHODS = ("none", "linear", "distill", "linear+distill")
 HEAL_TRAIN = ("norms", "lora", "all")
+HEAL_PRECISIONS = ("float32", "bfloat16")
 
 
 class HealParams(_Section):
@@ -101,6 +102,9 @@ class HealParams(_Section):
     steps: int = Field(120, ge=1)  # optimizer steps (at most; early stopping may end sooner)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(1, ge=1)  # calibration sequences per step
+    # The training forward's: bfloat16 autocasts (where the hardware has it; heal.json records which ran). float32 by
+    # default, so that one params.yaml gives one result on every machine.
+    precision: Literal[HEAL_PRECISIONS] = "float32"
     topk: int = Field(64, ge=1)  # teacher probabilities kept per token (the rest as one bucket)
     hidden_weight: float = Field(0.0, ge=0)  # weight of final hidden-state matching beside the KL
     eval_every: int = Field(20, ge=1)  # steps between held-out evaluations

@@ -150,7 +150,7 @@ def test_linear_standins_with_no_attention_left_are_refused(tmp_path, tokenizer_
 
 # --- distillation ------------------------------------------------------------------------------------------
 
-def _distill(what, steps=12, seed=0, hidden_weight=0.0, lr=5e-3):
+def _distill(what, steps=12, seed=0, hidden_weight=0.0, lr=5e-3, precision="float32"):
     from dropquant.distill import distill, teacher_targets
 
     base = make_tiny("llama", layers=4, noise=0.1)  # large weights: the drop costs the tiny model a real KL
@@ -159,7 +159,7 @@ def _distill(what, steps=12, seed=0, hidden_weight=0.0, lr=5e-3):
     targets = teacher_targets(InMemoryStack(base), ids, topk=16, hidden=hidden_weight > 0, progress=False)
     return distill(student, targets.select(slice(0, 6)), targets.select(slice(6, None)), what=what, lora_rank=4,
                    steps=steps, lr=lr, batch_size=2, hidden_weight=hidden_weight, eval_every=4, patience=3,
-                   seed=seed, progress=False)
+                   seed=seed, precision=precision, progress=False)
 
 
 @pytest.mark.parametrize("what", ["norms", "lora", "all"])
@@ -181,6 +181,40 @@ def test_distillation_is_deterministic_for_a_seed():
     assert ra.heldout == rb.heldout
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
+
+
+def _needs_bf16():
+    from dropquant.distill import bf16_supported
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX)")
+
+
+def test_bfloat16_distillation_trains_deterministically_and_exports_float32():
+    _needs_bf16()
+    a, ra = _distill("lora", seed=1, precision="bfloat16")
+    b, rb = _distill("lora", seed=1, precision="bfloat16")
+    assert ra.precision == "bfloat16"
+    assert ra.heldout_kl_best < ra.heldout_kl_start
+    assert ra.heldout == rb.heldout
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert pa.dtype == torch.float32 and torch.equal(pa, pb), name
+    _, r32 = _distill("lora", seed=1)
+    assert ra.heldout != r32.heldout  # the training forward really ran in bfloat16
+
+
+def test_bfloat16_without_hardware_support_is_refused_before_any_work(monkeypatch, tmp_path):
+    import dropquant.distill
+    from dropquant.heal import heal
+    from dropquant.params import HealParams
+
+    monkeypatch.setattr(dropquant.distill, "bf16_supported", lambda device: False)
+    p = plan(attn=[1], layers=4)
+    with pytest.raises(DropquantError, match="heal.precision=bfloat16"):
+        heal(method="linear+distill", heal_params=HealParams(method="linear+distill", precision="bfloat16"),
+             plan={**p.to_json(), "plan_id": "x"}, pruned_dir=tmp_path, out_dir=tmp_path / "out", tokens=_ids(),
+             calibration_sha256="x", open_base=lambda: pytest.fail("work started"), dtype=torch.float32,
+             device="cpu", progress=False)
 
 
 def test_bucket_kl_is_the_full_kl_when_k_is_the_vocabulary():
