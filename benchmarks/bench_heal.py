@@ -17,6 +17,13 @@ ATTN_8 = [5, 6, 7, 9, 25, 26, 28, 29]  # the embedded model's attention-8 plan (
 NOISY = 0.25  # (max - min) / median of the per-round ratios above this: interference could have made it
 
 
+def _summary(ratios: list[float]) -> tuple[float, float, str]:
+    """(median, relative spread, the flag to print) of per-round ratios."""
+    med = statistics.median(ratios)
+    spread = (max(ratios) - min(ratios)) / med
+    return med, spread, "  NOISY: interference could have made this" if spread > NOISY else ""
+
+
 def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_steps: int = 5, rounds: int = 3) -> dict:
     from dropquant.distill import bf16_supported, distill, teacher_targets
     from dropquant.heal import fit_linear
@@ -69,9 +76,7 @@ def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_st
     out = {}
     for name in phases:
         ratios = [t / s for t, s in zip(times[name], times["score"])]
-        med = statistics.median(ratios)
-        spread = (max(ratios) - min(ratios)) / med
-        flag = "  NOISY: interference could have made this" if spread > NOISY else ""
+        med, spread, flag = _summary(ratios)
         print(f"  {name:<18} {statistics.median(times[name]):7.2f} s  ×{med:6.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
               f"  peak +{peaks[name] / 2**20:5.0f} MiB ({(model_bytes + peaks[name]) / model_bytes:.2f}× the model)"
               f"{flag}")
@@ -82,8 +87,7 @@ def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_st
     print(f"  one distillation step (1 × {seq_len} tokens, LoRA r16): {per_step:.2f} s")
     if bf16 in out:  # heal.precision=bfloat16 against float32, per round, side by side
         ratios = [a / b for a, b in zip(times[f32], times[bf16])]
-        med = statistics.median(ratios)
-        flag = "  NOISY: interference could have made this" if (max(ratios) - min(ratios)) / med > NOISY else ""
+        med, _, flag = _summary(ratios)
         print(f"  bfloat16 training forward: ×{med:.2f} [{min(ratios):.2f}-{max(ratios):.2f}] faster per step than "
               f"float32{flag}")
         out["bf16_speedup"] = {"ratio": med, "min": min(ratios), "max": max(ratios)}
