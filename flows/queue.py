@@ -9,8 +9,8 @@
    cached - skipping run") instead of N jobs computing them at once. The priming experiments are removed again.
 2. Queue and run: `dvc exp run --queue -n <name> -S ...` per variant (an experiment of the same name is replaced,
    as in the sequential sweep), then `dvc queue start --jobs N`, and `dvc queue status` every few seconds until
-   every variant is done and the workers have exited (a worker idles up to 10 s before it exits; one still idle
-   would keep its environment for the next sweep's jobs).
+   every variant is done, then until the workers have exited (a worker idles 10 s before it exits, and one still
+   up after 20 s gets `dvc queue stop`: an idle worker would keep its environment for the next sweep's jobs).
 3. Collect: `dvc queue logs <task>` of every variant gives what each stage did and, for a failed one, the stage's
    own `dropquant <stage>: error:` message; the queue entries are then removed (a failed experiment would
    otherwise stay listed in `dvc exp show`), and the report is the sequential sweep's.
