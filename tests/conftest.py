@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,30 @@ def tiny_gguf(tmp_path_factory, embedded):
     path = tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf"
     export_model(model, path, tokenizer_gguf=embedded, out_type="F32", name="tiny")
     return model, path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real Prefect server on loopback for the session (~10 s to start, so once): the scheduled sweep, the
+    distributed workers and the in-process flows all talk to it. Its scheduler looks for due runs every 5 s."""
+    from flows.serve import healthy, start_server, stop
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_HOME", str(home))  # the server's state in this session's folder
+        env.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
+        try:
+            url, server = start_server("127.0.0.1", free_port(), log_file=home / "server.log", timeout=120)
+        except RuntimeError as err:
+            pytest.skip(f"a local Prefect server could not start here: {err}")
+    try:
+        yield {"url": url, "home": home}
+    finally:
+        stop(server)
+    assert not healthy(url)

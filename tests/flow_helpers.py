@@ -57,6 +57,8 @@ def build_tiny_repo(repo: Path, model: Path, params_update: Optional[dict] = Non
     tasks = ["arc_easy"] if (SHARED_DATA / "arc_easy").is_dir() else []
     params["eval"].update(tasks=tasks, limit=2, speed=False, fidelity_tokens=512, n_ctx=256, threads=1,
                           data_dir=str(SHARED_DATA))
+    # Chat on, as a user runs it, but small: 2 prompts of 24 tokens per task (a random model never stops early).
+    params["eval"]["chat"].update(limit=2, max_tokens=24, parallel=4, transcripts=2)
     params["sweep"] = {"methods": ["attn", "mlp"], "n": [1], "quant_types": ["Q8_0"], "cron": "0 3 * * *"}
     for section, values in (params_update or {}).items():
         params[section].update(values)

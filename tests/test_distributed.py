@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,12 +32,6 @@ def _run(cmd, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(home: Path, url: str) -> dict:
     from flows._dvc import _env as dvc_env
 
@@ -56,10 +49,8 @@ def _clone(remote: Path, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """The shared remotes, a coordinator repository and a running Prefect server (stopped at the end)."""
-    from flows.serve import start_server, stop
-
+def site(tmp_path_factory, prefect_server):
+    """The shared remotes, a coordinator repository and the session's Prefect server."""
     base = tmp_path_factory.mktemp("distributed")
     git_remote, dvc_remote = base / "remote.git", base / "dvc-remote"
     coord = build_tiny_repo(base / "coordinator", make_tiny_model(base / "model"))
@@ -72,18 +63,8 @@ def site(tmp_path_factory):
     _run(["git", "remote", "add", "origin", str(git_remote)], cwd=coord)
     _run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], cwd=coord)
 
-    home = base / "prefect-home"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PREFECT_HOME", str(home))  # the server's state in this test's folder
-        try:
-            url, server = start_server("127.0.0.1", _free_port(), log_file=home / "server.log", timeout=120)
-        except RuntimeError as err:
-            pytest.skip(f"a local Prefect server could not start here: {err}")
-    try:
-        yield {"base": base, "git_remote": git_remote, "dvc_remote": dvc_remote, "coord": coord, "url": url,
-               "home": home}
-    finally:
-        stop(server)
+    return {"base": base, "git_remote": git_remote, "dvc_remote": dvc_remote, "coord": coord,
+            "url": prefect_server["url"], "home": prefect_server["home"]}
 
 
 class Worker:

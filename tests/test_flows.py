@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,11 +28,12 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="module")
+def prefect_harness(prefect_server):
+    """The in-process flows talk to the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["url"]}):
         yield
 
 
@@ -184,31 +184,19 @@ def test_dvc_busy_output_becomes_a_clear_error():
     assert err.busy and "the repository is busy" in str(err) and "PID 123" in str(err)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _flow_runs(url: str) -> list[dict]:
     import httpx
 
-    r = httpx.post(f"{url}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC", "limit": 20}, timeout=10)
+    r = httpx.post(f"{url}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": 200}, timeout=10)
     r.raise_for_status()
     return r.json()
 
 
-def test_scheduled_sweep_fires_on_a_real_server(tiny_repo, tmp_path, monkeypatch):
-    from flows.serve import healthy, start_server, stop
-
-    home = tmp_path / "prefect-home"
-    monkeypatch.setenv("PREFECT_HOME", str(home))
-    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
-    port = _free_port()
-    try:
-        url, server = start_server("127.0.0.1", port, log_file=home / "server.log", timeout=120)
-    except RuntimeError as err:
-        pytest.skip(f"a local Prefect server could not start here: {err}")
+def test_scheduled_sweep_fires_on_a_real_server(tiny_repo, prefect_server):
+    """`flows serve` finds the server already running on its port (it starts one only when none answers; the
+    session fixture stops it and checks that it is down) and the scheduler fires the served sweep."""
+    url, home = prefect_server["url"], prefect_server["home"]
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_RUNNER_POLL_FREQUENCY="2", PYTHONPATH=str(ROOT))
@@ -223,7 +211,8 @@ def test_scheduled_sweep_fires_on_a_real_server(tiny_repo, tmp_path, monkeypatch
         finished = []
         while time.monotonic() < deadline and not finished:
             assert serve.poll() is None, "serve exited early:\n" + "".join(output[-40:])
-            finished = [r for r in _flow_runs(url) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+            finished = [r for r in _flow_runs(url) if r["auto_scheduled"]  # not the session's other flows
+                        and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
             time.sleep(2)
         assert finished, "no scheduled run finished within 180 s:\n" + "".join(output[-40:])
         run = finished[0]
@@ -237,8 +226,6 @@ def test_scheduled_sweep_fires_on_a_real_server(tiny_repo, tmp_path, monkeypatch
             except subprocess.TimeoutExpired:
                 os.killpg(serve.pid, signal.SIGKILL)
                 serve.wait(5)
-        stop(server)
-    assert not healthy(url)
 
 
 def test_a_stage_that_fails_before_it_starts_is_named(tmp_path):
