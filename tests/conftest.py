@@ -18,6 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
+# The files that run whole pipelines in subprocesses (minutes each), started first: with `-n 2` (pytest-xdist,
+# whole files per worker) they overlap each other and the short files fill in after them instead of one long
+# file running alone at the end. Test order inside a file never changes (the flow tests build on each other).
+SLOWEST_FIRST = ("test_queue.py", "test_distributed.py", "test_flows.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order within a file
+
 
 def make_tiny(family: str = "llama", seed: int = 0, layers: int = 4, vocab: int = 128, hidden: int = 64,
               intermediate: int = 0, tie: bool = False, noise: float = 0.02, **extra):

@@ -221,7 +221,7 @@ def test_hf_tokenizer_written_token_for_token(tmp_path, hf_tokenizer, shared_dat
     import gguf
     import llama_cpp
 
-    from dropquant.gguf.export import CHKTXT
+    from dropquant.gguf.tokenizer import CHKTXT
 
     tok_dir = tmp_path / "tok"
     hf_tokenizer.save_pretrained(tok_dir)

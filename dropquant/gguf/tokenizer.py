@@ -1,0 +1,124 @@
+"""A model's tokenizer in a GGUF file, as llama.cpp reads it: carried over from a GGUF source, or written from a
+Hugging Face tokenizer (byte-level BPE or a Llama HF tokenizer), as llama.cpp's convert_hf_to_gguf.py writes it."""
+from __future__ import annotations
+
+import json
+from hashlib import sha256
+from pathlib import Path
+
+from dropquant.errors import DropquantError
+
+# tokenizer.ggml.pre for a byte-level BPE tokenizer, found as llama.cpp's convert_hf_to_gguf.py does:
+# sha256 of the token ids of CHKTXT. Entries copied from llama.cpp (conversion/base.py) for the
+# model families dropquant supports; anything else should come from a GGUF source or llama.cpp's converter.
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+BPE_PRE_BY_HASH = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # abacusai/Smaug-Llama-3-70B-Instruct
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",  # evilfreelancer/ruGPT3XL
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # mistralai/Mistral-Nemo-Base-2407
+    "0e9433cbbb161f89e264eb32e8e64bfe69e834973ffca5d41d3948a604a3e2a3": "pixtral",  # mistral-community/pixtral-12b
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",  # deepseek-ai/deepseek-llm-7b-base
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",  # deepseek-ai/deepseek-coder-6.7b-base
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",  # tiiuae/Falcon3-7B-Base
+    "7fc505bd3104ca1083b150b17d088b59534ede9bde81f0dd2090967d7fe52cee": "viking",  # LumiOpen/Viking-7B
+    "1431a23e583c97432bc230bff598d103ddb5a1f89960c8f1d1051aaa944d0b35": "minerva-7b",  # sapienzanlp/Minerva-7B-base-v1.0
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B
+}
+
+
+def copy_tokenizer(w, source_gguf: str | Path) -> None:
+    """Carry every tokenizer.* key (vocabulary, merges, special ids, chat template) over from a GGUF."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source_gguf))
+    n = 0
+    for key, f in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, f.contents(), vtype)
+        n += 1
+    if n == 0:
+        raise DropquantError(f"{source_gguf}: no tokenizer.* keys to carry over")
+
+
+def bpe_pre(tokenizer) -> str:
+    chkhsh = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    if chkhsh not in BPE_PRE_BY_HASH:
+        raise DropquantError(
+            f"GGUF export: the tokenizer's BPE pre-tokenizer is not recognized (chkhsh {chkhsh}); use a GGUF model.source "
+            "(its tokenizer is carried over) or convert with llama.cpp's convert_hf_to_gguf.py")
+    return BPE_PRE_BY_HASH[chkhsh]
+
+
+def add_hf_tokenizer(w, directory: Path, vocab_size: int) -> None:
+    """Write a Hugging Face tokenizer as llama.cpp expects it (convert_hf_to_gguf.py's gpt2 / llama-hf paths)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as err:
+        raise DropquantError(f"{directory}: cannot load its tokenizer: {err}") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    bpe = spec.get("model") or {}
+    byte_level = (bpe.get("type") == "BPE" and not bpe.get("byte_fallback")
+                  and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")))
+    if byte_level:
+        tokens, toktypes = _bpe_tokens(tok, vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(bpe_pre(tok))
+        w.add_token_list(tokens)
+        w.add_token_types(toktypes)
+        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    else:
+        try:
+            vocab = gguf.LlamaHfVocab(directory)
+        except Exception as err:  # gguf-py raises several kinds for tokenizers it cannot read
+            raise DropquantError(f"{directory}: tokenizer is neither byte-level BPE nor a Llama HF tokenizer ({err})") from None
+        tokens, scores, toktypes = [], [], []
+        for text, score, toktype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            toktypes.append(toktype)
+        tokens += [f"[PAD{i}]".encode() for i in range(len(tokens), vocab_size)]
+        scores += [-1000.0] * (vocab_size - len(scores))
+        toktypes += [gguf.TokenType.UNUSED] * (vocab_size - len(toktypes))
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(toktypes)
+        special = gguf.SpecialVocab(directory, n_vocab=len(tokens))
+    special.add_to_gguf(w, quiet=True)
+
+
+def _bpe_tokens(tok, vocab_size: int) -> tuple[list[str], list[int]]:
+    import gguf
+
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.get_added_vocab()
+    decoder = tok.added_tokens_decoder
+    tokens, toktypes = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            toktypes.append(gguf.TokenType.UNUSED)
+            continue
+        text = reverse[i]
+        if text in added:
+            if i in decoder and not decoder[i].normalized:
+                text = tok.decode(tok.encode(text, add_special_tokens=False))
+            special = i in decoder and decoder[i].special
+            toktypes.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            toktypes.append(gguf.TokenType.NORMAL)
+        tokens.append(text)
+    return tokens, toktypes
