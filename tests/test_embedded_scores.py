@@ -8,15 +8,21 @@ import yaml
 from safetensors.torch import load_file
 
 
+N_SAMPLES, SEQ_LEN = 8, 256
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, shared_data):
+    """The embedded model calibrated on C4 and scored in float32 by the stage CLIs, once for the module: the
+    artifacts' tests and the bfloat16 comparison share them."""
     from stages import calibrate, score
 
     tmp = tmp_path_factory.mktemp("embedded")
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump({
         "model": {"source": "embedded"},
-        "calibration": {"source": str(shared_data / "c4" / "train-sample.jsonl"), "n_samples": 4, "seq_len": 256},
+        "calibration": {"source": str(shared_data / "c4" / "train-sample.jsonl"), "n_samples": N_SAMPLES,
+                        "seq_len": SEQ_LEN},
         "score": {"batch_size": 2},
     }))
     assert calibrate.main(["--params", str(params), "--out", str(tmp / "calibration")]) == 0
@@ -27,16 +33,16 @@ def scored(tmp_path_factory, shared_data):
 
 def test_calibration_artifacts(scored):
     tokens = load_file(str(scored / "calibration" / "tokens.safetensors"))["input_ids"]
-    assert tokens.shape == (4, 256)
+    assert tokens.shape == (N_SAMPLES, SEQ_LEN)
     manifest = json.loads((scored / "calibration" / "manifest.json").read_text())
-    assert manifest["n_tokens"] == 1024 and manifest["texts_used"] >= 1
+    assert manifest["n_tokens"] == N_SAMPLES * SEQ_LEN and manifest["texts_used"] >= 1
     assert manifest["model"]["num_hidden_layers"] == 30
 
 
 def test_attention_is_more_redundant_than_mlp(scored):
     result = json.loads((scored / "scores" / "scores.json").read_text())
     imp = result["importance"]
-    assert result["n_tokens"] == 1024
+    assert result["n_tokens"] == N_SAMPLES * SEQ_LEN
     assert all(len(imp[u]) == 30 for u in ("attn", "mlp", "block"))
     mean = {u: sum(v) / len(v) for u, v in imp.items()}
     assert mean["attn"] < mean["mlp"], mean
@@ -58,20 +64,19 @@ def test_score_refuses_calibration_from_another_model(scored, tmp_path, capsys):
     assert not (tmp_path / "scores").exists()
 
 
-def test_bfloat16_scores_agree_with_float32(embedded_model, shared_data):
+def test_bfloat16_scores_agree_with_float32(embedded_model, scored):
     """model.dtype: bfloat16 computes in bf16 but accumulates cosines in float32/float64: the 8 most redundant
-    attention layers, MLPs and blocks are the float32 path's, every score within 2e-3."""
+    attention layers, MLPs and blocks are the float32 path's (the score stage's, on the same C4 tokens), every
+    score within 2e-3."""
     import copy
 
     import torch
 
-    from dropquant.calibration import pack, source_texts
     from dropquant.prune.scoring import score_model
 
-    model, tokenizer = embedded_model
-    ids, _ = pack(source_texts(str(shared_data / "c4" / "train-sample.jsonl"), None, "validation", "text", 0),
-                  tokenizer, 8, 256)
-    f32 = score_model(model, ids, 2, progress=False)
+    model, _ = embedded_model
+    ids = load_file(str(scored / "calibration" / "tokens.safetensors"))["input_ids"]
+    f32 = json.loads((scored / "scores" / "scores.json").read_text())
     bf16 = score_model(copy.deepcopy(model).to(torch.bfloat16), ids, 2, progress=False)
     for unit in ("attn", "mlp", "block"):
         a, b = f32["importance"][unit], bf16["importance"][unit]
