@@ -2,14 +2,15 @@
 a time, on the same prompts of the embedded model, in one process; beside llama.cpp's own llama-batched-bench.
 
     python -m benchmarks.bench_generate [--prompts 32] [--tokens 96] [--parallel 32] [--threads 1] [--repeats 3]
-                                        [--gguf FILE] [--no-llamacpp]
+                                        [--gguf FILE] [--no-llamacpp] [--no-controls] [--ignore-eos]
 
 Target (issue #24): our batched / one-at-a-time ratio >= 0.9x llama-batched-bench's at the same batch size and
 threads (issue #12's older target, >= 4x, is printed too). The prompts are MT-Bench's first turns under the model's
 chat template (what the chat evaluation sends), at Q8_0 (the pipeline's default type; built here unless --gguf
 names a file). The batched runs use what the chat evaluation uses: one KV stream of --n-ctx cells per sequence;
 the one-at-a-time runs a plain single-sequence context. --prompts defaults to --parallel, so that the batch is
---parallel wide from start to end, as llama-batched-bench's is.
+--parallel wide from start to end, as llama-batched-bench's is; --ignore-eos also makes every sequence run for
+the whole budget, as theirs do (else a sequence that ends early narrows the batch for the rest of the round).
 
 Each round runs one-at-a-time, batched, then `llama-batched-bench -npp P -ntg T -npl 1,N -t THREADS -c N*n_ctx
 -fa on` (P: the prompts' mean length, T: --tokens, N: --parallel; llama.cpp's tools are built from the pinned
@@ -201,6 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", type=Path, help="GGUF of the embedded model (default: built here at Q8_0)")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama-batched-bench")
     ap.add_argument("--no-controls", action="store_true", help="only the timed rounds and the identical share")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every prompt generates --tokens tokens, as llama-batched-bench's sequences do (a sequence "
+                         "that stops early leaves the batch narrower for the rest of its round)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     tools = None if args.no_llamacpp else _tools()
@@ -214,10 +218,14 @@ def main(argv=None) -> int:
         one_lm = LlamaCppLM(gguf, n_ctx=args.n_ctx, threads=args.threads, n_seq_max=1, chat=True)
         lm = LlamaCppLM(gguf, n_ctx=args.n_ctx * args.parallel, threads=args.threads, n_seq_max=args.parallel,
                         chat=True, kv_unified=False)
+        if args.ignore_eos:
+            for m in (one_lm, lm):
+                m._is_eog = lambda token: False  # only Sequence.push asks: nothing else changes
         prompts = prompts_of(lm, args.prompts or args.parallel)
         npp = round(float(np.mean([len(p) for p in prompts])))
         print(f"{len(prompts)} MT-Bench prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, mean "
-              f"{npp}), budget {args.tokens} tokens, {args.parallel} parallel, {args.threads} threads, "
+              f"{npp}), budget {args.tokens} tokens{' (end of generation ignored)' if args.ignore_eos else ''}, "
+              f"{args.parallel} parallel, {args.threads} threads, "
               f"{Path(gguf).name}")
         ratios, cpu_ratios, shares, theirs = [], [], [], []
         for r in range(args.repeats):
