@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Print the directory holding llama.cpp's own llama-perplexity and llama-bench, built for this machine from
+# Print the directory holding llama.cpp's own llama-perplexity, llama-bench and llama-batched-bench, built for this machine from
 # the vendored llama.cpp of the pinned llama-cpp-python sdist (the same llama.cpp the Python package runs),
-# building them first if needed (about 3 minutes on 2 cores). Used by `make bench` (benchmarks/bench_llamacpp.py)
-# to print our fidelity and speed figures beside llama.cpp's.
+# building them first if needed (about 3-4 minutes on 2 cores). Used by `make bench` (benchmarks/bench_llamacpp.py,
+# benchmarks/bench_generate.py) to print our fidelity, speed and batched-generation figures beside llama.cpp's.
 #
 # Cached like scripts/llama-cpp-wheel.sh: the directory is keyed by the version, the CMake flags, this CPU's
 # feature flags and the compiler; a build is renamed into place whole, so a killed build never looks finished.
@@ -13,19 +13,20 @@
 set -euo pipefail
 PY=${1:?usage: llama-cpp-tools.sh PYTHON [--print-dir]}
 source "$(dirname "$0")/llama-cpp-common.sh"
-TARGETS="llama-perplexity llama-bench"
+TARGETS="llama-perplexity llama-bench llama-batched-bench"
 CMAKE_FLAGS="-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TOOLS=ON \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
 -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF ${DROPQUANT_LLAMA_CMAKE_ARGS:-}"
 CACHE=${DROPQUANT_TOOLS_CACHE:-$CACHE_ROOT/llama-cpp-tools}
 DIR="$CACHE/$VERSION-$(build_key "$TARGETS" "$CMAKE_FLAGS")"
 if [ "${2:-}" = "--print-dir" ]; then echo "$DIR"; exit 0; fi
-if [ ! -x "$DIR/llama-perplexity" ] || [ ! -x "$DIR/llama-bench" ]; then
+missing=0
+for t in $TARGETS; do [ -x "$DIR/$t" ] || missing=1; done
+if [ "$missing" = 1 ]; then
   for tool in cmake cc c++; do
     command -v "$tool" >/dev/null 2>&1 || { echo "llama-cpp-tools.sh: no $tool on PATH: cannot build llama.cpp's tools" >&2; exit 3; }
   done
-  echo "building llama-perplexity and llama-bench from llama-cpp-python $VERSION's vendored llama.cpp" \
-       "(about 3 minutes on 2 cores)" >&2
+  echo "building $TARGETS from llama-cpp-python $VERSION's vendored llama.cpp (about 3-4 minutes on 2 cores)" >&2
   mkdir -p "$CACHE"
   TMP=$(mktemp -d "$CACHE/.build.XXXXXX")
   trap 'rm -rf "$TMP"' EXIT

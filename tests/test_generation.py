@@ -112,3 +112,51 @@ def test_loop_detector():
     assert not loops([7] * 20)                    # too short to call it a loop
     assert not loops(list(range(200)))            # no repetition
     assert not loops(sentence * 2 + list(range(300, 340)))  # repeated once, then moved on
+
+
+def test_common_prefix():
+    from dropquant.evaluation.prefix import common_prefix
+
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2  # one is a prefix of the other
+    assert common_prefix([5, 2], [1, 2]) == 0
+    assert common_prefix([], [1]) == 0
+
+
+def test_generation_and_the_lm_import_no_cycle():
+    """generation needs only the shared helpers; llamacpp_lm imports generation at module level, not inside
+    methods (which is how the cycle used to be hidden)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dropquant.evaluation as ev
+
+    code = ("import sys, dropquant.evaluation.generation; "
+            "sys.exit('dropquant.evaluation.llamacpp_lm' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    folder = Path(ev.__file__).parent
+    lm_tree = ast.parse((folder / "llamacpp_lm.py").read_text())
+    nested = [n for f in ast.walk(lm_tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
+              if isinstance(n, ast.ImportFrom) and n.module == "generation"]
+    assert not nested
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "generation" and n.level == 1 for n in lm_tree.body)
+
+
+def test_bench_generate_reads_llama_batched_bench(tmp_path):
+    """The comparison's parser and ratios, on a stand-in tool that prints llama-batched-bench's jsonl rows."""
+    import json
+
+    from benchmarks.bench_generate import batched_bench, spread
+
+    rows = [{"pl": 1, "speed_tg": 50.0, "speed": 100.0}, {"pl": 8, "speed_tg": 150.0, "speed": 250.0}]
+    tool = tmp_path / "llama-batched-bench"
+    tool.write_text("#!/bin/sh\necho 'main: n_kv_max = 8192' >&2\n"
+                    + "".join(f"echo '{json.dumps(r)}' >&2\n" for r in rows))
+    tool.chmod(0o755)
+    got = batched_bench(tmp_path, "model.gguf", npp=100, ntg=96, parallel=8, threads=1, n_ctx=1024)
+    assert got["tg"] == 3.0 and got["s"] == 2.5
+    with pytest.raises(RuntimeError):
+        batched_bench(tmp_path, "model.gguf", npp=100, ntg=96, parallel=16, threads=1, n_ctx=1024)
+    assert spread([1.0, 2.0, 3.0]).endswith("[noisy: spread > 15%]") and spread([2.0, 2.1]) == "2.05x [2.00-2.10]"

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from .llamacpp_lm import common_prefix
+from .prefix import common_prefix
 
 log = logging.getLogger(__name__)
 

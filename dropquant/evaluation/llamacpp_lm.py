@@ -29,6 +29,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..errors import DropquantError
+from .generation import generate_batched, generate_sequential, prepare
+from .prefix import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,6 @@ def row_stats(rows: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray
         lse[s:s + block] = m[:, 0] + np.log(np.exp(r - m).sum(axis=-1, dtype=np.float64))
         top[s:s + block] = r.argmax(axis=-1)
     return lse, top
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0 or a[0] != b[0]:
-        return 0
-    diff = np.nonzero(np.asarray(a[:n]) != np.asarray(b[:n]))[0]
-    return int(diff[0]) if len(diff) else n
 
 
 def open_llama(model_path: str | Path, n_ctx: int, threads: int, *, logits_all: bool = True, verbose: bool = False,
@@ -400,8 +394,6 @@ class LlamaCppLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy, all requests decoded together (`generation.generate_batched`); `parallel=1` gives the
         one-at-a-time reference."""
-        from .generation import generate_batched, generate_sequential, prepare
-
         seqs = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -428,6 +420,4 @@ class LlamaCppLM(TemplateLM):
 
     def greedy_until(self, context: str, until: list[str] | str, max_gen_toks: int) -> str:
         """One prompt, greedy, one token per llama_decode (the reference for the batched path)."""
-        from .generation import generate_sequential, prepare
-
         return generate_sequential(self, prepare(self, self.tok_encode(context), until, max_gen_toks)).text
