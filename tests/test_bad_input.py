@@ -144,9 +144,9 @@ def test_gguf_cut_inside_its_tensor_data_is_refused(tmp_path, tokenizer_gguf):
 
 
 def test_the_embedded_gguf_is_complete(tokenizer_gguf):
-    from dropquant.model.loading import gguf_file_extent
+    from dropquant.gguf.header import file_extent
 
-    assert gguf_file_extent(tokenizer_gguf) == tokenizer_gguf.stat().st_size
+    assert file_extent(tokenizer_gguf) == tokenizer_gguf.stat().st_size
 
 
 # --- 4. a mistyped local directory -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from dropquant.errors import DropquantError
+from dropquant.gguf.header import read_metadata
 
 # tokenizer.ggml.pre for a byte-level BPE tokenizer, found as llama.cpp's convert_hf_to_gguf.py does:
 # sha256 of the token ids of CHKTXT. Entries copied from llama.cpp (conversion/base.py) for the
@@ -33,19 +34,14 @@ def copy_tokenizer(w, source_gguf: str | Path) -> None:
     """Carry every tokenizer.* key (vocabulary, merges, special ids, chat template) over from a GGUF."""
     import gguf
 
-    reader = gguf.GGUFReader(str(source_gguf))
-    n = 0
-    for key, f in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            w.add_key_value(key, f.contents(), vtype)
-        n += 1
-    if n == 0:
+    fields = read_metadata(source_gguf, "tokenizer.")
+    if not fields:
         raise DropquantError(f"{source_gguf}: no tokenizer.* keys to carry over")
+    for key, (value, vtype, subtype) in fields.items():
+        if subtype is None:
+            w.add_key_value(key, value, gguf.GGUFValueType(vtype))
+        else:
+            w.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=gguf.GGUFValueType(subtype))
 
 
 def bpe_pre(tokenizer) -> str:

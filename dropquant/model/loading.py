@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from dropquant.errors import DropquantError
+from dropquant.gguf.header import file_extent
 from dropquant.model.families import family_of
 from dropquant.workspace import workspace_path
 
@@ -113,7 +114,7 @@ def check_gguf_file(path: Path) -> None:
     """A .gguf source must hold all the bytes its header promises: a cut-off copy otherwise fails deep in a loader."""
     size = path.stat().st_size
     try:
-        need = gguf_file_extent(path) if size else None
+        need = file_extent(path) if size else None
     except struct.error:  # a read ran past the end of the file
         need = None
     except (ValueError, KeyError) as err:  # no magic bytes, an unknown value or tensor type
@@ -122,63 +123,6 @@ def check_gguf_file(path: Path) -> None:
         what = (f"the file ({size} bytes) ends inside its header" if need is None
                 else f"its tensor data ends at byte {need}, the file has {size} bytes")
         raise DropquantError(f"model.source: {path} is truncated: {what} (an interrupted download or copy?)")
-
-
-# GGUF metadata value types of fixed width (gguf-py's GGUFValueType), as struct formats; 8 = string, 9 = array.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def gguf_file_extent(path: Path) -> int:
-    """Bytes a GGUF file needs, from its header and tensor table only (no tensor data is read)."""
-    import mmap
-    from math import prod
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError("no GGUF magic bytes")
-        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-        pos, alignment = 24, 32
-        for _ in range(n_kv):
-            key, pos = _gguf_string(buf, pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            value, pos = _gguf_value(buf, pos + 4, vtype)
-            if key == b"general.alignment":
-                alignment = value
-        end = 0
-        for _ in range(n_tensors):
-            _, pos = _gguf_string(buf, pos)
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            end = max(end, offset + prod(dims) // block * block_bytes)
-    return -(-pos // alignment) * alignment + end
-
-
-def _gguf_string(buf, pos: int) -> tuple[bytes, int]:
-    (n,) = struct.unpack_from("<Q", buf, pos)
-    return buf[pos + 8:pos + 8 + n], pos + 8 + n
-
-
-def _gguf_value(buf, pos: int, vtype: int):
-    """(value, position after it); arrays are skipped (value None)."""
-    if vtype in _GGUF_SCALARS:
-        fmt = "<" + _GGUF_SCALARS[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    if vtype == 8:
-        return _gguf_string(buf, pos)
-    if vtype != 9:
-        raise ValueError(f"unknown metadata value type {vtype} at offset {pos}")
-    etype, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if etype in _GGUF_SCALARS:
-        return None, pos + count * struct.calcsize("<" + _GGUF_SCALARS[etype])
-    for _ in range(count):
-        _, pos = _gguf_value(buf, pos, etype)
-    return None, pos
 
 
 def load_config(source: ModelSource):
