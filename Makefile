@@ -33,8 +33,11 @@ run: setup
 	dvc repro
 	$(PY) -m stages.report
 
+# The suite on up to 4 workers (pytest-xdist, whole files per worker: the flow tests build on each other), the
+# 10 slowest tests listed at the end so that growth shows. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 bench: setup
 	$(PY) -m benchmarks
