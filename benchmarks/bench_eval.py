@@ -70,9 +70,9 @@ def record_requests(tasks: list[str], limit: int, fewshot, data_dir: Path, mmlu_
 def embedded_q8_0(model, folder: Path, keep_f32: bool = False):
     """The embedded model as the pipeline's baseline export at Q8_0 (F32 GGUF from the torch weights, then
     llama.cpp's quantizer); with keep_f32, (Q8_0 path, F32 path)."""
-    from dropquant.gguf_export import export_model
-    from dropquant.models import embedded_gguf_path
-    from dropquant.quantization import quantize_gguf
+    from dropquant.gguf.export import export_model
+    from dropquant.model.loading import embedded_gguf_path
+    from dropquant.gguf.quantize import quantize_gguf
 
     f32, q8 = folder / "model-f32.gguf", folder / "model-Q8_0.gguf"
     export_model(model, f32, tokenizer_gguf=embedded_gguf_path(), out_type="F32", name="SmolLM2-135M-Instruct")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     from dropquant.evaluation.llamacpp_lm import LlamaCppLM
     from dropquant.evaluation.tasks import TASKS
-    from dropquant.models import load_model, load_tokenizer, resolve_source
+    from dropquant.model.loading import load_model, load_tokenizer, resolve_source
 
     torch.set_num_threads(args.threads)
     tasks = sorted(TASKS) if args.tasks == "paper" else args.tasks.split(",")

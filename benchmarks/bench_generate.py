@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         gguf, f32 = args.gguf, None
         if gguf is None:
-            from dropquant.models import load_model, resolve_source
+            from dropquant.model.loading import load_model, resolve_source
 
             gguf, f32 = embedded_q8_0(load_model(resolve_source("embedded")), Path(tmp), keep_f32=True)
         one_lm = LlamaCppLM(gguf, n_ctx=args.n_ctx, threads=args.threads, n_seq_max=1, chat=True)

@@ -25,13 +25,13 @@ def _summary(ratios: list[float]) -> tuple[float, float, str]:
 
 
 def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, distill_steps: int = 5, rounds: int = 3) -> dict:
-    from dropquant.distill import bf16_supported, distill, teacher_targets
-    from dropquant.heal import fit_linear
-    from dropquant.layerwise import InMemoryStack
-    from dropquant.models import load_model, resolve_source
-    from dropquant.pruning import prune_model
-    from dropquant.scoring import score_model
-    from dropquant.selection import DropPlan
+    from dropquant.heal.distill import bf16_supported, distill, teacher_targets
+    from dropquant.heal.linear import fit_linear
+    from dropquant.model.layerwise import InMemoryStack
+    from dropquant.model.loading import load_model, resolve_source
+    from dropquant.prune.surgery import prune_model
+    from dropquant.prune.scoring import score_model
+    from dropquant.prune.selection import DropPlan
 
     model = load_model(resolve_source("embedded"))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

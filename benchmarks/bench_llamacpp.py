@@ -63,11 +63,11 @@ def tools_dir() -> Path | None:
 def embedded_variants(folder: Path) -> tuple[Path, Path]:
     """The embedded model, unpruned and Attn-8, exported and quantized to Q8_0 by the pipeline's own code."""
     from benchmarks.bench_eval import embedded_q8_0
-    from dropquant.gguf_export import export_model
-    from dropquant.models import embedded_gguf_path, load_model, resolve_source
-    from dropquant.pruning import prune_model
-    from dropquant.quantization import quantize_gguf
-    from dropquant.selection import DropPlan
+    from dropquant.gguf.export import export_model
+    from dropquant.model.loading import embedded_gguf_path, load_model, resolve_source
+    from dropquant.prune.surgery import prune_model
+    from dropquant.gguf.quantize import quantize_gguf
+    from dropquant.prune.selection import DropPlan
 
     model = load_model(resolve_source("embedded"))
     base = embedded_q8_0(copy.deepcopy(model), folder)

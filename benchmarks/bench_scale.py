@@ -5,7 +5,7 @@
                                      [--hidden H --intermediate I --heads N --kv-heads K | --quick]
                                      [--check-harness]
 
-Random bf16 checkpoints with Llama-3-8B's layer shape (dropquant.random_model) at the small and the large
+Random bf16 checkpoints with Llama-3-8B's layer shape (dropquant.model.random_model) at the small and the large
 depth (~2.5 GB and ~7.8 GB) are written to a temporary folder under --workdir ($TMPDIR, else ../tmp, else the
 system's), and removed afterwards unless --keep. Each measurement runs in a fresh subprocess: streamed scoring
 at both depths, in-memory scoring at the small one. Targets:
@@ -50,9 +50,9 @@ def score(path: str, input_ids, *, stream: bool, batch_size: int) -> dict:
     """The score stage's own path: weights read from disk (streamed layer by layer, or loaded whole), then scored."""
     import torch
 
-    from dropquant.layerwise import source_stack
-    from dropquant.models import resolve_source
-    from dropquant.scoring import score_stack
+    from dropquant.model.layerwise import source_stack
+    from dropquant.model.loading import resolve_source
+    from dropquant.prune.scoring import score_stack
 
     stack = source_stack(resolve_source(path), torch.bfloat16, "cpu", stream)
     return score_stack(stack, input_ids, batch_size, "cosine", progress=False)
@@ -85,7 +85,7 @@ def _child(argv: list[str]) -> int:
     import torch
 
     if args.task == "score":
-        importlib.import_module("dropquant.layerwise")  # its imports count in the baseline, not in the peak
+        importlib.import_module("dropquant.model.layerwise")  # its imports count in the baseline, not in the peak
 
         input_ids = torch.load(args.tokens)
         work = lambda: score(args.checkpoint, input_ids, stream=bool(args.stream), batch_size=args.batch_size)
@@ -140,7 +140,7 @@ def score_run(folder: Path, label: str, checkpoint: Path, tokens: Path, *, strea
 
 def summarize(label: str, runs: list[dict], checkpoint: Path) -> Measurement:
     """Median wall time and highest peak of the runs, each made in its own process."""
-    from dropquant.checkpoint import Checkpoint
+    from dropquant.model.checkpoint import Checkpoint
 
     m = Measurement(label, statistics.median(r["wall_s"] for r in runs), max(r["peak_bytes"] for r in runs),
                     min(r["baseline_bytes"] for r in runs), Checkpoint(checkpoint).total_bytes(), runs[0]["importance"],
@@ -163,8 +163,8 @@ def check_harness(folder: Path) -> bool:
 
 
 def build(folder: Path, layers: int, shape: dict, seed: int) -> Path:
-    from dropquant.checkpoint import Checkpoint
-    from dropquant.random_model import write_random_checkpoint
+    from dropquant.model.checkpoint import Checkpoint
+    from dropquant.model.random_model import write_random_checkpoint
 
     path = folder / f"random-{layers}L-h{shape['hidden']}"
     t0 = time.perf_counter()
@@ -261,7 +261,7 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def layer_shape(args) -> dict:
-    from dropquant.random_model import LLAMA3_8B_SHAPE
+    from dropquant.model.random_model import LLAMA3_8B_SHAPE
 
     shape = dict(LLAMA3_8B_SHAPE, **(QUICK_SHAPE if args.quick else {}))
     shape.update({k: v for k in QUICK_SHAPE if (v := getattr(args, k)) is not None})

@@ -29,8 +29,8 @@ def _reset_peak_rss() -> None:
 
 
 def main(n_samples: int = 8, seq_len: int = 512, batch_size: int = 2, rounds: int = 3) -> dict:
-    from dropquant.models import load_model, resolve_source
-    from dropquant.scoring import score_model
+    from dropquant.model.loading import load_model, resolve_source
+    from dropquant.prune.scoring import score_model
 
     model = load_model(resolve_source("embedded"))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

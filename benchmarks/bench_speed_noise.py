@@ -29,11 +29,11 @@ def build_ggufs(folder: Path, attn: list[int]) -> tuple[Path, Path]:
     base, variant = folder / "base.gguf", folder / "variant.gguf"
     if base.is_file() and variant.is_file():
         return base, variant
-    from dropquant.gguf_export import export_model
-    from dropquant.models import decoder_layers, embedded_gguf_path, load_model, resolve_source
-    from dropquant.pruning import prune_model
-    from dropquant.quantization import quantize_gguf
-    from dropquant.selection import DropPlan
+    from dropquant.gguf.export import export_model
+    from dropquant.model.loading import decoder_layers, embedded_gguf_path, load_model, resolve_source
+    from dropquant.prune.surgery import prune_model
+    from dropquant.gguf.quantize import quantize_gguf
+    from dropquant.prune.selection import DropPlan
 
     model = load_model(resolve_source("embedded"))
     plan = DropPlan(method="attn", n=len(attn), selection="explicit", attn=sorted(attn),

@@ -1,4 +1,4 @@
 """dropquant: one-shot attention/MLP/block dropping and GGUF quantization for Llama-style LLMs."""
-from .pruning import load_pruned
+from dropquant.prune.pruned_checkpoint import load_pruned
 
 __all__ = ["load_pruned"]

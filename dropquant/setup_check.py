@@ -110,7 +110,7 @@ def nltk_check() -> str:
 
 
 def main() -> int:
-    from .models import embedded_gguf_path
+    from dropquant.model.loading import embedded_gguf_path
 
     try:
         result = probe(str(embedded_gguf_path()))

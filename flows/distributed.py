@@ -27,6 +27,7 @@ from prefect.cache_policies import NONE
 from prefect.states import Failed
 
 from flows._dvc import DvcFailed, check, find_repo, repo_lock, run_dvc, stage_order
+from flows.plan import plan_sweep, write_sweep_report
 from flows.variant import _transient, apply_overrides
 
 FLOW = "dropquant-remote-variant"
@@ -262,8 +263,6 @@ def distributed_sweep_flow(repo: str = ".", methods: Optional[list[str]] = None,
     """The grid of `sweep_flow`, each variant a flow run on the work pool `pool`; then every experiment pulled
     from `git_remote` and the report written here."""
     from prefect.client.orchestration import get_client
-
-    from flows.sweep import plan_sweep, write_sweep_report
 
     log = get_run_logger()
     root = find_repo(repo)

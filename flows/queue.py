@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dropquant.workspace import WORKSPACE_ENV  # where the stages take relative paths from
-from flows._dvc import (DVC_ERROR, FAILED_STAGE, RUN_CACHE, RUNNING, UNCHANGED, DvcFailed, DvcResult, RepoBusy,
+from flows._dvc import (FAILED_STAGE, RUN_CACHE, RUNNING, UNCHANGED, DvcFailed, DvcResult, RepoBusy,
                         StageEvent, _env, check, dvc_executable, failure_message, repo_lock, run_dvc)
+from flows.plan import describe_stages, existing_experiments, write_sweep_report
 
 PRIME_PREFIX = "dropquant-prime-"
 PRIME_TARGETS = ("score", "baseline_eval")  # with what they depend on: calibrate, baseline
@@ -144,8 +145,6 @@ def _wait_for_workers_to_exit(root: Path, log, grace_s: float = 20, limit_s: flo
 
 def queue_sweep(root: Path, plan, jobs: int, out: Optional[str], title: Optional[str], log) -> dict:
     """Run the sweep `plan` as DVC queued experiments, `jobs` at once; the report of the sequential sweep."""
-    from flows.sweep import describe_stages, existing_experiments, write_sweep_report
-
     variants = plan.variants
     threads = threads_per_job(jobs)
     env = {**_env(), WORKSPACE_ENV: str(root)}

@@ -105,7 +105,8 @@ def serve_sweep(repo: str = ".", cron: Optional[str] = None, interval: Optional[
         from prefect import serve
         from prefect.deployments.runner import EntrypointType
 
-        from flows.sweep import sweep_defaults, sweep_flow
+        from flows.plan import sweep_defaults
+        from flows.sweep import sweep_flow
 
         if interval is None and cron is None:
             cron = sweep_defaults(root)["cron"]

@@ -8,66 +8,21 @@ holding the last finished variant.
 Queued (`--jobs N`, N >= 2, flows/queue.py): the shared stages are primed once, then the variants run as DVC
 queued experiments, N at once in temporary copies of the repository, the workspace left as it was.
 
-Both end in write_sweep_report: `dvc exp show --json` of the finished variants, the failed ones with their stage's
+Both end in flows.plan.write_sweep_report: `dvc exp show --json` of the finished variants, the failed ones with their stage's
 own message, and what every stage did over the sweep.
 """
 from __future__ import annotations
 
-import json
-import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows._dvc import DvcFailed, check, dvc_executable, find_repo, repo_lock, run_dvc
-
-REUSED = {"unchanged": "reused (unchanged)", "run-cache": "reused (DVC run-cache)"}
-
-
-def variant_name(method: str, n: int, quant_type: str, heal: str = "none") -> str:
-    """A git-ref-safe experiment name, e.g. attn-8-Q4_K_M, attn-8-Q8_0-linear-distill."""
-    name = f"none-{quant_type}" if method == "none" else f"{method}-{n}-{quant_type}"
-    return name if heal == "none" else f"{name}-{heal.replace('+', '-')}"
-
-
-def grid(methods: list[str], ns: list[int], quant_types: list[str], heals: list[str] = ("none",)) -> list[dict]:
-    """Variants in run order: quant type outermost, so the baseline GGUF of each type is built once, and heal
-    innermost, so the variants of one drop share its calibrate/score/drop outputs back to back."""
-    out, seen = [], set()
-    for qt in quant_types:
-        for method in methods:
-            for n in ([0] if method == "none" else ns):
-                for heal in (["none"] if method == "none" else heals):  # nothing dropped, nothing to heal
-                    name = variant_name(method, n, qt, heal)
-                    if name not in seen:
-                        seen.add(name)
-                        out.append({"name": name, "method": method, "n": n, "quant_type": qt, "heal": heal,
-                                    "set": [f"drop.method={method}", f"drop.n={n}", f"quantize.type={qt}",
-                                            f"heal.method={heal}"]})
-    return out
-
-
-def sweep_defaults(root: Path) -> dict:
-    from dropquant.params import load_params
-
-    s = load_params(root / "params.yaml").sweep
-    return {"methods": s.methods, "n": s.n, "quant_types": s.quant_types, "heal": s.heal, "set": s.set,
-            "cron": s.cron}
-
-
-def existing_experiments(root: Path) -> set[str]:
-    out = subprocess.run([dvc_executable(), "exp", "list", "--name-only"], cwd=root, capture_output=True, text=True)
-    return {line.strip() for line in out.stdout.splitlines() if line.strip() and not line.endswith(":")}
-
-
-def describe_stages(stages) -> str:
-    return ", ".join(f"{e.stage} {REUSED.get(e.status, e.status)}" + (f" {e.seconds:.1f} s" if e.status == "ran" else "")
-                     for e in stages)
-
+from flows._dvc import DvcFailed, check, find_repo, repo_lock, run_dvc
+from flows.plan import describe_stages, existing_experiments, plan_sweep, write_sweep_report
+from flows.queue import queue_sweep
 
 @task(name="experiment", task_run_name="{name}", cache_policy=NONE, persist_result=False)
 def run_experiment(repo: str, name: str, sets: list[str], replace: bool) -> dict:
@@ -92,70 +47,6 @@ def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in data.rglob(".*.tmp")) if data.is_dir() else []
 
 
-@dataclass
-class SweepPlan:
-    """The grid of one sweep: its axes, the overrides every variant gets, and the variants in run order."""
-    methods: list[str]
-    ns: list[int]
-    quant_types: list[str]
-    heals: list[str]
-    common: list[str]
-    variants: list[dict]
-
-    def describe(self) -> str:
-        return (f"grid methods={self.methods} n={self.ns} quant_types={self.quant_types} heal={self.heals}"
-                + (f"; every variant with {' '.join(self.common)}" if self.common else ""))
-
-
-def plan_sweep(root: Path, methods: Optional[list[str]] = None, n: Optional[list[int]] = None,
-               quant_types: Optional[list[str]] = None, heal: Optional[list[str]] = None,
-               overrides: Optional[list[str]] = None) -> SweepPlan:
-    """The grid from the arguments, params.yaml's `sweep:` section filling in what they leave out."""
-    defaults = sweep_defaults(root)
-    methods = list(methods or defaults["methods"])
-    ns = list(n if n is not None else defaults["n"])
-    quant_types = list(quant_types or defaults["quant_types"])
-    heals = list(heal or defaults["heal"])
-    return SweepPlan(methods, ns, quant_types, heals, [*defaults["set"], *(overrides or [])],
-                     grid(methods, ns, quant_types, heals))
-
-
-def stage_summary(runs: list[dict]) -> str:
-    """`calibrate: ran 1×, reused 3×; ...` over the stage events of every run of a sweep."""
-    reuse: dict[str, dict[str, int]] = {}
-    for d in runs:
-        for s in d["stages"]:
-            reuse.setdefault(s["stage"], {"ran": 0, "reused": 0})["ran" if s["status"] == "ran" else "reused"] += 1
-    return "; ".join(f"{stage}: ran {c['ran']}×, reused {c['reused']}×" for stage, c in reuse.items())
-
-
-def write_sweep_report(root: Path, plan: SweepPlan, shown, done: list[dict], failures: list[dict],
-                       out: Optional[str], title: Optional[str], log, extra_notes: tuple = (),
-                       stage_runs: Optional[list[dict]] = None) -> dict:
-    """The report of a finished sweep from `dvc exp show --json` (`shown`); raises when no variant finished."""
-    from dropquant.report import rows_from_exp_show, write_report
-
-    exp_show = json.loads(shown.output[shown.output.index("["):])
-    rows = rows_from_exp_show(exp_show, [d["name"] for d in done])
-    summary = stage_summary(done if stage_runs is None else stage_runs)
-    log.info("stages over the sweep: %s", summary)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(out) if out else root / "reports" / f"sweep-{stamp}"
-    notes = [f"{len(done)} of {len(plan.variants)} variants finished; {plan.describe()}",
-             f"Stages over the sweep: {summary}." if summary else "", *extra_notes,
-             "Reproduce a variant: `dvc exp apply <experiment>` then `dvc repro` (see docs/flows.md)."]
-    paths = write_report(out_dir, rows, failures, title or f"dropquant sweep {stamp}", [n for n in notes if n],
-                         extra={"variants": done, "grid": {"methods": plan.methods, "n": plan.ns,
-                                                           "quant_types": plan.quant_types, "heal": plan.heals,
-                                                           "set": plan.common}})
-    log.info("report: %s", out_dir)
-    if not done:
-        raise DvcFailed(f"all {len(plan.variants)} variants failed; first error: {failures[0]['error']}"
-                        if failures else "the grid is empty")
-    return {"report": {k: str(p) for k, p in paths.items()}, "experiments": [d["name"] for d in done],
-            "failures": failures, "rows": rows}
-
-
 @flow(name="dropquant-sweep")
 def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional[list[int]] = None,
                quant_types: Optional[list[str]] = None, heal: Optional[list[str]] = None,
@@ -173,8 +64,6 @@ def sweep_flow(repo: str = ".", methods: Optional[list[str]] = None, n: Optional
     root = find_repo(repo)
     plan = plan_sweep(root, methods, n, quant_types, heal, overrides)
     if jobs > 1:
-        from flows.queue import queue_sweep
-
         return queue_sweep(root, plan, jobs, out, title, log)
     variants = plan.variants
     log.info("sweep of %d variants: %s", len(variants), ", ".join(v["name"] for v in variants))

@@ -16,9 +16,9 @@ def run(params, args) -> None:
     from dropquant import calibration as cal
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.errors import DropquantError
-    from dropquant.layerwise import should_stream
-    from dropquant.models import (checkpoint_dir, load_config, load_model, load_tokenizer, model_identity,
-                                  resolve_device, resolve_dtype, resolve_source)
+    from dropquant.model.layerwise import should_stream
+    from dropquant.model.loading import (checkpoint_dir, load_config, load_model, load_tokenizer, model_identity,
+                                         resolve_device, resolve_dtype, resolve_source)
 
     c = params.calibration
     source = resolve_source(params.model.source, params.model.revision)

@@ -17,12 +17,12 @@ EXPORT = Path("data/export")
 def run(params, args) -> None:
     from dropquant.artifacts import PLAN_ID, check_scores_calibration, file_sha256, plan_id, read_json
     from dropquant.atomic import atomic_dir, write_json
-    from dropquant.layerwise import should_stream
-    from dropquant.models import (build_skeleton, checkpoint_dir, load_config, load_model, load_tokenizer,
-                                  model_identity, resolve_dtype, resolve_source)
-    from dropquant.pruning import (checkpoint_tensor_bytes, dropped_parameters, prune_model, save_pruned,
-                                   save_pruned_from, summary)
-    from dropquant.selection import check_scores, describe, select
+    from dropquant.model.layerwise import should_stream
+    from dropquant.model.loading import (build_skeleton, checkpoint_dir, load_config, load_model, load_tokenizer,
+                                         model_identity, resolve_dtype, resolve_source)
+    from dropquant.prune.pruned_checkpoint import checkpoint_tensor_bytes, save_pruned, save_pruned_from
+    from dropquant.prune.surgery import dropped_parameters, prune_model, summary
+    from dropquant.prune.selection import check_scores, describe, select
 
     # Everything that can be refused is checked before a weight is loaded or a file written.
     source = resolve_source(params.model.source, params.model.revision)
@@ -35,7 +35,7 @@ def run(params, args) -> None:
         check_scores(scores, n_layers, identity["fingerprint"], origin=str(args.scores))
         check_scores_calibration(scores, args.calibration, str(args.scores))
     if params.drop.export == "nemotron-nas":
-        from dropquant.nemotron import check_exportable
+        from dropquant.prune.nemotron import check_exportable
 
         check_exportable(config.model_type)
     plan = select(params, n_layers, scores)
@@ -70,7 +70,7 @@ def run(params, args) -> None:
 
     export = {"export": params.drop.export}
     if params.drop.export == "nemotron-nas":
-        from dropquant.nemotron import export_nemotron
+        from dropquant.prune.nemotron import export_nemotron
 
         export["path"] = str(args.export / "nemotron-nas")
         with atomic_dir(args.export) as tmp:

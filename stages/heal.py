@@ -16,10 +16,10 @@ OUT = Path("data/healed")
 def run(params, args) -> None:
     from dropquant.artifacts import check_pruned_matches_plan, read_calibration, read_json, read_plan
     from dropquant.atomic import atomic_dir, write_json
-    from dropquant.heal import HEAL_FILE, heal
-    from dropquant.layerwise import source_stack
-    from dropquant.models import load_config, model_identity, resolve_device, resolve_dtype, resolve_source
-    from dropquant.pruning import RECORD_KEY
+    from dropquant.heal.apply import HEAL_FILE, heal
+    from dropquant.model.layerwise import source_stack
+    from dropquant.model.loading import load_config, model_identity, resolve_device, resolve_dtype, resolve_source
+    from dropquant.prune.surgery import RECORD_KEY
 
     # Refused before any work: a plan made for another model, a checkpoint the plan did not cut.
     source = resolve_source(params.model.source, params.model.revision)

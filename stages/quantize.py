@@ -21,14 +21,15 @@ def run(params, args) -> None:
     from dropquant.artifacts import check_pruned_matches_plan, file_sha256, read_calibration, read_json, read_plan
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.errors import DropquantError
-    from dropquant.families import check_gguf_expressible
-    from dropquant.gguf_export import export_checkpoint, export_model
-    from dropquant.heal import read_heal
-    from dropquant.layerwise import InMemoryStack, checkpoint_stack, source_stack
-    from dropquant.models import (checkpoint_dir, load_config, load_model, model_identity, resolve_device,
-                                  resolve_dtype, resolve_source)
-    from dropquant.quantization import (NEEDS_IMATRIX, UNQUANTIZED, collect_imatrix_stack, imatrix_means,
-                                        llama_ftype, module_gguf_names, neutral_stats, quantize_gguf, write_imatrix)
+    from dropquant.model.families import check_gguf_expressible
+    from dropquant.gguf.export import export_checkpoint, export_model
+    from dropquant.heal.apply import read_heal
+    from dropquant.model.layerwise import InMemoryStack, checkpoint_stack, source_stack
+    from dropquant.model.loading import (checkpoint_dir, load_config, load_model, model_identity, resolve_device,
+                                         resolve_dtype, resolve_source)
+    from dropquant.gguf.quantize import NEEDS_IMATRIX, UNQUANTIZED, llama_ftype, quantize_gguf
+    from dropquant.gguf.imatrix import (collect_imatrix_stack, imatrix_means, module_gguf_names, neutral_stats,
+                                        write_imatrix)
 
     qtype = params.quantize.type
     llama_ftype(qtype)
@@ -50,7 +51,7 @@ def run(params, args) -> None:
         directory = checkpoint_dir(source)  # None: a GGUF source, loaded (dequantized) whole
         check_gguf_expressible(config, [], [], source.spec)
     else:
-        from dropquant.pruning import RECORD_KEY
+        from dropquant.prune.surgery import RECORD_KEY
 
         # The plan must be this model's, and the checkpoint the one it cut: checked before any weight is read.
         plan = read_plan(args.plan, identity)

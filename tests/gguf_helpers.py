@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dropquant.quantization import quantize_gguf
-from dropquant.selection import DropPlan
+from dropquant.gguf.quantize import quantize_gguf
+from dropquant.prune.selection import DropPlan
 
 GGML_TYPE_F32 = 0
 L = 6

@@ -177,7 +177,7 @@ sys.exit(main(sys.argv[2:]))
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory, hf_tokenizer):
     from conftest import make_tiny_llama
-    from dropquant.pruning import save_pruned
+    from dropquant.prune.pruned_checkpoint import save_pruned
 
     path = tmp_path_factory.mktemp("source") / "model"
     save_pruned(make_tiny_llama(layers=4), path, tokenizer=hf_tokenizer)
@@ -230,7 +230,7 @@ def test_killed_drop_stage_is_refused_downstream_and_cleaned_up_by_the_next_run(
 
 def test_quantize_refuses_another_model_source_than_the_plans(tmp_path, tiny_source, hf_tokenizer, capsys):
     from conftest import make_tiny_llama
-    from dropquant.pruning import save_pruned
+    from dropquant.prune.pruned_checkpoint import save_pruned
     from stages.drop import main as drop
     from stages.quantize import main as quantize
 

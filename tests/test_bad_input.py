@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dropquant.errors import DropquantError
-from dropquant.models import model_identity, resolve_source
+from dropquant.model.loading import model_identity, resolve_source
 from tests.conftest import ROOT, make_tiny_llama
 
 torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def test_every_attention_dropped_runs_through_drop_quantize_and_llama_cpp(workdi
     """Was: both stages exit 0, then llama.cpp fails with 'failed to allocate buffer for kv cache'."""
     import llama_cpp
 
-    from dropquant.pruning import load_pruned
+    from dropquant.prune.pruned_checkpoint import load_pruned
 
     source = workdir / "src"
     model = make_tiny_llama(layers=LAYERS, vocab=len(hf_tokenizer), hidden=64)
@@ -125,7 +125,7 @@ def test_gguf_cut_inside_its_header_is_refused(workdir, tokenizer_gguf, capsys):
 
 
 def test_gguf_cut_inside_its_tensor_data_is_refused(tmp_path, tokenizer_gguf):
-    from dropquant.gguf_export import export_model
+    from dropquant.gguf.export import export_model
 
     whole = tmp_path / "whole.gguf"
     export_model(make_tiny_llama(layers=2, vocab=49152), whole, tokenizer_gguf=tokenizer_gguf)
@@ -144,7 +144,7 @@ def test_gguf_cut_inside_its_tensor_data_is_refused(tmp_path, tokenizer_gguf):
 
 
 def test_the_embedded_gguf_is_complete(tokenizer_gguf):
-    from dropquant.models import gguf_file_extent
+    from dropquant.model.loading import gguf_file_extent
 
     assert gguf_file_extent(tokenizer_gguf) == tokenizer_gguf.stat().st_size
 
@@ -195,7 +195,7 @@ def test_invalid_hub_id_is_refused():
 @pytest.mark.parametrize("value, shown", [(None, "null"), (float("nan"), "NaN"), ("0.1", '"0.1"')])
 def test_non_numeric_importance_is_refused(workdir, tiny_source, capsys, value, shown):
     """Was: a TypeError traceback while ranking (null), or a silently wrong plan (NaN)."""
-    from dropquant.models import load_config
+    from dropquant.model.loading import load_config
 
     src = resolve_source(str(tiny_source))
     importance = {u: [0.1, 0.2, 0.3, 0.4] for u in ("attn", "mlp", "block")}
@@ -208,7 +208,7 @@ def test_non_numeric_importance_is_refused(workdir, tiny_source, capsys, value, 
 
 
 def test_non_numeric_span_angular_is_refused():
-    from dropquant.selection import check_scores
+    from dropquant.prune.selection import check_scores
 
     span = [[0.0] * 3 for _ in range(3)]
     span[1][2] = None
@@ -224,8 +224,9 @@ WHOLE_PLANS = {"none": {}, "block": {"blocks": [1]}}
 
 
 def _saved(tmp_path, drops):
-    from dropquant.pruning import prune_model, save_pruned
-    from dropquant.selection import DropPlan
+    from dropquant.prune.surgery import prune_model
+    from dropquant.prune.pruned_checkpoint import save_pruned
+    from dropquant.prune.selection import DropPlan
 
     model = make_tiny_llama(layers=LAYERS)
     plan = DropPlan(method="explicit", n=sum(map(len, drops.values())), selection="explicit", num_layers=LAYERS,
@@ -245,7 +246,7 @@ def test_transformers_refuses_a_sublayer_dropped_checkpoint(tmp_path, name):
     """Was: loaded with the dropped modules 'newly initialized' at random: silently the wrong model."""
     from transformers import AutoModelForCausalLM
 
-    from dropquant.pruning import load_pruned
+    from dropquant.prune.pruned_checkpoint import load_pruned
 
     pruned, path = _saved(tmp_path, SUBLAYER_PLANS[name])
     with pytest.raises(ValueError) as err:
@@ -272,8 +273,9 @@ def test_tokenizer_of_a_sublayer_dropped_checkpoint_still_loads(tmp_path, hf_tok
     """The quantize and evaluate stages read the pruned checkpoint's tokenizer with AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    from dropquant.pruning import prune_model, save_pruned
-    from dropquant.selection import DropPlan
+    from dropquant.prune.surgery import prune_model
+    from dropquant.prune.pruned_checkpoint import save_pruned
+    from dropquant.prune.selection import DropPlan
 
     plan = DropPlan(method="attn", n=1, selection="explicit", attn=[1], num_layers=LAYERS)
     save_pruned(prune_model(make_tiny_llama(layers=LAYERS), plan), tmp_path / "p", tokenizer=hf_tokenizer)

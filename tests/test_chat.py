@@ -48,7 +48,7 @@ def perturbed_gguf(tiny_gguf, tmp_path_factory, embedded):
 
     import torch
 
-    from dropquant.gguf_export import export_model
+    from dropquant.gguf.export import export_model
 
     model = copy.deepcopy(tiny_gguf[0])
     torch.manual_seed(1)

@@ -66,7 +66,7 @@ def test_bfloat16_scores_agree_with_float32(embedded_model, shared_data):
     import torch
 
     from dropquant.calibration import pack, source_texts
-    from dropquant.scoring import score_model
+    from dropquant.prune.scoring import score_model
 
     model, tokenizer = embedded_model
     ids, _ = pack(source_texts(str(shared_data / "c4" / "train-sample.jsonl"), None, "validation", "text", 0),

@@ -262,7 +262,7 @@ def test_a_stage_that_fails_before_it_starts_is_named(tmp_path):
 
 
 def test_grid_names_heal_variants_and_never_heals_an_undropped_model():
-    from flows.sweep import grid
+    from flows.plan import grid
 
     variants = grid(["none", "attn"], [8], ["Q8_0"], ["none", "linear+distill"])
     assert [v["name"] for v in variants] == ["none-Q8_0", "attn-8-Q8_0", "attn-8-Q8_0-linear-distill"]

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from dropquant.errors import DropquantError
-from dropquant.gguf_export import (ARCH_DECI, ARCH_LLAMA, ZERO_FFN_WIDTH, export_checkpoint, export_model,
-                                   plan_blocks)
-from dropquant.pruning import prune_model, save_pruned
-from dropquant.quantization import kv_cache_mib, quantize_gguf
+from dropquant.gguf.export import ARCH_DECI, ARCH_LLAMA, ZERO_FFN_WIDTH, export_checkpoint, export_model, plan_blocks
+from dropquant.prune.surgery import prune_model
+from dropquant.prune.pruned_checkpoint import save_pruned
+from dropquant.gguf.quantize import kv_cache_mib, quantize_gguf
 from tests.gguf_helpers import (L, Q8_KL_BOUND_EMBEDDED, VOCAB, check_q8_0_runs, kl_divergence, llama_logits, plan,
                                 tiny_llama, torch_logits, torch_params)
 
@@ -202,7 +202,7 @@ def test_file_size_follows_dropped_parameters(tmp_path, tokenizer_gguf):
 
 
 def test_bad_inputs_are_refused(tmp_path, tokenizer_gguf):
-    from dropquant.gguf_export import write_gguf
+    from dropquant.gguf.export import write_gguf
 
     model = tiny_llama()
     with pytest.raises(DropquantError, match="F32, F16, BF16 or auto"):
@@ -221,7 +221,7 @@ def test_hf_tokenizer_written_token_for_token(tmp_path, hf_tokenizer, shared_dat
     import gguf
     import llama_cpp
 
-    from dropquant.gguf_export import CHKTXT
+    from dropquant.gguf.export import CHKTXT
 
     tok_dir = tmp_path / "tok"
     hf_tokenizer.save_pretrained(tok_dir)

@@ -15,11 +15,12 @@ import pytest
 
 import torch
 
-from dropquant import checkpoint
+from dropquant.model import checkpoint
 from dropquant.errors import DropquantError
-from dropquant.gguf_export import (ARCH_DECI, ARCH_QWEN2, ARCH_QWEN3, export_checkpoint, export_model, permute_qk)
-from dropquant.pruning import prune_model, save_pruned
-from dropquant.quantization import quantize_gguf
+from dropquant.gguf.export import ARCH_DECI, ARCH_QWEN2, ARCH_QWEN3, export_checkpoint, export_model, permute_qk
+from dropquant.prune.surgery import prune_model
+from dropquant.prune.pruned_checkpoint import save_pruned
+from dropquant.gguf.quantize import quantize_gguf
 from tests.gguf_helpers import (L, TINY_MODELS, check_q8_0_runs, gguf_tensors, llama_logits, plan, random_ids,
                                 tiny_llama, tiny_qwen2, tiny_qwen3, torch_logits, torch_params)
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dropquant.errors import DropquantError
-from dropquant.heal import fit_linear, healed_record, write_linear_healed
-from dropquant.layerwise import InMemoryStack
-from dropquant.pruning import load_pruned, prune_model, save_pruned
+from dropquant.heal.linear import fit_linear, healed_record, write_linear_healed
+from dropquant.model.layerwise import InMemoryStack
+from dropquant.prune.pruned_checkpoint import load_pruned, save_pruned
+from dropquant.prune.surgery import prune_model
 from tests.conftest import make_tiny, make_tiny_llama
 from tests.gguf_helpers import check_q8_0_runs, llama_logits, plan, random_ids, tiny_llama, torch_logits
 
@@ -42,7 +43,7 @@ def _healed(base, p, tmp_path, ids, **fit_kw):
 
 def _reference_forward(base, p, fit, ids):
     """The healed model by hand from the unpruned model's modules and the fitted weights."""
-    from dropquant.layerwise import _batch_kwargs
+    from dropquant.model.layerwise import _batch_kwargs
 
     attn_gone, mlp_gone = set(p.attn) | set(p.blocks), set(p.mlp) | set(p.blocks)
     m = base.model
@@ -115,7 +116,7 @@ def test_a_plan_for_another_model_is_refused_before_any_work():
 def test_gguf_parity_of_linear_standins(drops, tmp_path, tokenizer_gguf):
     import gguf
 
-    from dropquant.gguf_export import ARCH_DECI, export_checkpoint
+    from dropquant.gguf.export import ARCH_DECI, export_checkpoint
 
     base = tiny_llama()
     p = plan(**drops)
@@ -139,7 +140,7 @@ def test_gguf_parity_of_linear_standins(drops, tmp_path, tokenizer_gguf):
 
 
 def test_linear_standins_with_no_attention_left_are_refused(tmp_path, tokenizer_gguf):
-    from dropquant.gguf_export import export_checkpoint
+    from dropquant.gguf.export import export_checkpoint
 
     base = tiny_llama()
     healed_dir, _ = _healed(base, plan(attn=range(6)), tmp_path, torch.tensor([random_ids(32)]))
@@ -151,7 +152,7 @@ def test_linear_standins_with_no_attention_left_are_refused(tmp_path, tokenizer_
 # --- distillation ------------------------------------------------------------------------------------------
 
 def _distill(what, steps=12, seed=0, hidden_weight=0.0, lr=5e-3, precision="float32"):
-    from dropquant.distill import distill, teacher_targets
+    from dropquant.heal.distill import distill, teacher_targets
 
     base = make_tiny("llama", layers=4, noise=0.1)  # large weights: the drop costs the tiny model a real KL
     student = prune_model(copy.deepcopy(base), plan(attn=[1, 2], layers=4))
@@ -184,7 +185,7 @@ def test_distillation_is_deterministic_for_a_seed():
 
 
 def _needs_bf16():
-    from dropquant.distill import bf16_supported
+    from dropquant.heal.distill import bf16_supported
 
     if not bf16_supported("cpu"):
         pytest.skip("this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX)")
@@ -204,11 +205,11 @@ def test_bfloat16_distillation_trains_deterministically_and_exports_float32():
 
 
 def test_bfloat16_without_hardware_support_is_refused_before_any_work(monkeypatch, tmp_path):
-    import dropquant.distill
-    from dropquant.heal import heal
+    import dropquant.heal.distill
+    from dropquant.heal.apply import heal
     from dropquant.params import HealParams
 
-    monkeypatch.setattr(dropquant.distill, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(dropquant.heal.distill, "bf16_supported", lambda device: False)
     p = plan(attn=[1], layers=4)
     with pytest.raises(DropquantError, match="heal.precision=bfloat16"):
         heal(method="linear+distill", heal_params=HealParams(method="linear+distill", precision="bfloat16"),
@@ -218,7 +219,7 @@ def test_bfloat16_without_hardware_support_is_refused_before_any_work(monkeypatc
 
 
 def test_bucket_kl_is_the_full_kl_when_k_is_the_vocabulary():
-    from dropquant.distill import bucket_kl
+    from dropquant.heal.distill import bucket_kl
 
     g = torch.Generator().manual_seed(0)
     t, s = torch.randn(3, 5, 20, generator=g), torch.randn(3, 5, 20, generator=g)

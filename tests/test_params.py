@@ -98,7 +98,7 @@ def test_stage_cli_reports_bad_params_and_writes_nothing(tmp_path, capsys):
 def test_unsupported_architecture_is_refused(tmp_path):
     from transformers import GPT2Config
 
-    from dropquant.models import load_config, resolve_source
+    from dropquant.model.loading import load_config, resolve_source
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(DropquantError, match="architecture 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
@@ -106,7 +106,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_missing_model_paths_are_refused(tmp_path):
-    from dropquant.models import resolve_source
+    from dropquant.model.loading import resolve_source
 
     with pytest.raises(DropquantError, match="GGUF file not found"):
         resolve_source(str(tmp_path / "missing.gguf"))

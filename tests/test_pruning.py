@@ -10,9 +10,9 @@ import torch
 
 from dropquant.errors import DropquantError
 from dropquant.params import parse_params
-from dropquant.pruning import (checkpoint_tensor_bytes, dropped_parameters, load_pruned, prune_model, save_pruned,
-                               summary)
-from dropquant.selection import DropPlan, select
+from dropquant.prune.pruned_checkpoint import checkpoint_tensor_bytes, load_pruned, save_pruned
+from dropquant.prune.surgery import dropped_parameters, prune_model, summary
+from dropquant.prune.selection import DropPlan, select
 from tests.conftest import FAMILIES, make_tiny
 
 torch.set_num_threads(1)
@@ -254,7 +254,7 @@ def test_prune_refuses_a_plan_for_another_model(base):
 
 
 def test_nemotron_nas_export_round_trips(tmp_path):
-    from dropquant.nemotron import export_nemotron, ffn_mult_to_intermediate_size
+    from dropquant.prune.nemotron import export_nemotron, ffn_mult_to_intermediate_size
 
     model = tiny(hidden=64, intermediate=256)  # DeciLM widths are multiples of 256
     p = plan("joint", attn=[0, 2], mlp=[2, 4], blocks=[])
@@ -275,7 +275,7 @@ def test_nemotron_nas_export_round_trips(tmp_path):
 
 
 def test_nemotron_export_refuses_a_width_it_cannot_write(base, tmp_path):
-    from dropquant.nemotron import export_nemotron
+    from dropquant.prune.nemotron import export_nemotron
 
     save_pruned(prune_model(copy.deepcopy(base), plan("attn", attn=[1])), tmp_path / "p")
     # DeciLM is a Llama: a Qwen model is refused for its family before its FFN width is looked at.
@@ -305,7 +305,7 @@ def test_stage_refuses_scores_from_another_model_before_writing(tmp_path, monkey
 
 def test_embedded_model_attention_drop_reloads_exactly(embedded_model, tmp_path):
     """Integration: the drop stage on SmolLM2-135M, 8 attention layers, against the same plan applied in memory."""
-    from dropquant.models import load_config, model_identity, resolve_source
+    from dropquant.model.loading import load_config, model_identity, resolve_source
     from stages.drop import main
 
     model, tokenizer = embedded_model

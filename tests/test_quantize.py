@@ -12,12 +12,14 @@ import torch
 import yaml
 
 from dropquant.errors import DropquantError
-from dropquant.gguf_export import ZERO_FFN_WIDTH, export_model
+from dropquant.gguf.export import ZERO_FFN_WIDTH, export_model
 from dropquant.params import QUANT_TYPES
-from dropquant.pruning import load_pruned, prune_model, save_pruned
-from dropquant.quantization import (NEEDS_IMATRIX, collect_imatrix, imatrix_means, llama_ftype, module_gguf_names,
-                                    neutral_stats, quantize_gguf, read_imatrix, write_imatrix)
-from dropquant.selection import DropPlan
+from dropquant.prune.pruned_checkpoint import load_pruned, save_pruned
+from dropquant.prune.surgery import prune_model
+from dropquant.gguf.quantize import NEEDS_IMATRIX, llama_ftype, quantize_gguf
+from dropquant.gguf.imatrix import (collect_imatrix, imatrix_means, module_gguf_names, neutral_stats, read_imatrix,
+                                    write_imatrix)
+from dropquant.prune.selection import DropPlan
 
 torch.set_num_threads(2)
 VOCAB = 49152
@@ -193,7 +195,7 @@ def workspace(tmp_path, hf_tokenizer):
 
     from dropquant.artifacts import plan_id
     from dropquant.calibration import tokens_digest
-    from dropquant.models import load_config, model_identity, resolve_source
+    from dropquant.model.loading import load_config, model_identity, resolve_source
 
     base = tiny_llama(layers=4)
     source = tmp_path / "source"
@@ -247,7 +249,7 @@ def test_stage_variant_f32_is_the_pruned_model(workspace):
     assert np.abs(logits(out / "model.gguf", ids) - ref).max() < 1e-2
 
     # heal.method none: the GGUF is byte for byte the pruned checkpoint's own export.
-    from dropquant.gguf_export import export_checkpoint
+    from dropquant.gguf.export import export_checkpoint
 
     direct = workspace / "direct.gguf"
     export_checkpoint(workspace / "pruned", direct, name=f"{workspace / 'source'} dropquant")
@@ -271,7 +273,7 @@ def test_stage_exports_the_healed_checkpoint_with_its_imatrix(workspace):
 
     # The importance matrix covers the stand-ins (collected on the healed model, not the pruned one).
     assert stage(workspace, "--out", str(out), "-S", "quantize.type=Q4_K_M", "-S", "quantize.imatrix=true") == 0
-    from dropquant.quantization import read_imatrix
+    from dropquant.gguf.imatrix import read_imatrix
 
     stats = read_imatrix(out / "imatrix.gguf")
     standin = stats["blk.0.attn_output.weight"].sums

@@ -48,7 +48,7 @@ def test_stages_resolve_params_paths_from_the_workspace(tmp_path, monkeypatch, t
     from dropquant.calibration import resolve_files
     from dropquant.errors import DropquantError
     from dropquant.evaluation.tasks import resolve_data_dir
-    from dropquant.models import resolve_source
+    from dropquant.model.loading import resolve_source
     from dropquant.workspace import WORKSPACE_ENV
 
     ws, elsewhere = tmp_path / "ws", tmp_path / "copy"

@@ -1,4 +1,4 @@
-"""Random-weight checkpoints (dropquant.random_model): transformers loads them whole, sharded or not, and the
+"""Random-weight checkpoints (dropquant.model.random_model): transformers loads them whole, sharded or not, and the
 values are a function of the seed alone."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from dropquant.errors import DropquantError
-from dropquant.checkpoint import INDEX_NAME as INDEX_FILE, WEIGHTS_NAME as SINGLE_FILE, Checkpoint
-from dropquant.random_model import main, write_random_checkpoint
+from dropquant.model.checkpoint import INDEX_NAME as INDEX_FILE, WEIGHTS_NAME as SINGLE_FILE, Checkpoint
+from dropquant.model.random_model import main, write_random_checkpoint
 
 TINY = dict(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256, tokenizer_source=None,
             progress=False)

@@ -75,7 +75,7 @@ def test_heatmap_bytes_do_not_depend_on_the_process(tmp_path):
 def test_calibrate_and_score_twice_give_identical_bytes(tmp_path, hf_tokenizer):
     """What `dvc repro calibrate score` twice does, on a tiny model: every output byte-identical."""
     from conftest import make_tiny_llama
-    from dropquant.pruning import save_pruned
+    from dropquant.prune.pruned_checkpoint import save_pruned
 
     save_pruned(make_tiny_llama(layers=3, vocab=49152), tmp_path / "model", tokenizer=hf_tokenizer)
     (tmp_path / "params.yaml").write_text(f"model: {{source: {tmp_path / 'model'}}}\n"

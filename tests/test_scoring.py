@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropquant.scoring import score_model
+from dropquant.prune.scoring import score_model
 from tests.conftest import FAMILIES, make_tiny
 
 

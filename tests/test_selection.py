@@ -7,7 +7,7 @@ import pytest
 
 from dropquant.errors import DropquantError
 from dropquant.params import parse_params
-from dropquant.selection import DropPlan, check_scores, select
+from dropquant.prune.selection import DropPlan, check_scores, select
 
 L = 6
 ATTN = [0.30, 0.05, 0.40, 0.02, 0.10, 0.50]

@@ -184,8 +184,8 @@ def tiny_gguf(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dropquant.gguf_export import export_model
-    from dropquant.models import embedded_gguf_path
+    from dropquant.gguf.export import export_model
+    from dropquant.model.loading import embedded_gguf_path
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

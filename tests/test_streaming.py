@@ -7,15 +7,15 @@ import filecmp
 import pytest
 import torch
 
-from dropquant import layerwise
+from dropquant.model import layerwise
 from dropquant.errors import DropquantError
-from dropquant.layerwise import InMemoryStack, StreamedStack, checkpoint_stack, should_stream, source_stack
-from dropquant.models import build_skeleton, load_config, load_model, resolve_dtype, resolve_source, source_dtype
-from dropquant.pruning import (checkpoint_tensor_bytes, dropped_parameters, load_pruned, prune_model, save_pruned,
-                               save_pruned_from)
-from dropquant.quantization import collect_imatrix_stack
-from dropquant.scoring import score_stack
-from dropquant.selection import DropPlan
+from dropquant.model.layerwise import InMemoryStack, StreamedStack, checkpoint_stack, should_stream, source_stack
+from dropquant.model.loading import build_skeleton, load_config, load_model, resolve_dtype, resolve_source, source_dtype
+from dropquant.prune.pruned_checkpoint import checkpoint_tensor_bytes, load_pruned, save_pruned, save_pruned_from
+from dropquant.prune.surgery import dropped_parameters, prune_model
+from dropquant.gguf.imatrix import collect_imatrix_stack
+from dropquant.prune.scoring import score_stack
+from dropquant.prune.selection import DropPlan
 from tests.conftest import FAMILIES, make_tiny
 
 torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def test_streamed_pruned_checkpoint_is_byte_identical(tmp_path, family, method):
 
 
 def test_sharded_pruned_checkpoint_reloads(tmp_path, monkeypatch):
-    from dropquant import checkpoint as ckpt
+    from dropquant.model import checkpoint as ckpt
 
     path = checkpoint(tmp_path)
     source = resolve_source(str(path))
@@ -131,8 +131,8 @@ def test_sharded_pruned_checkpoint_reloads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_streamed_imatrix_equals_in_memory(tmp_path, family):
-    from dropquant.gguf_export import export_checkpoint
-    from dropquant.quantization import module_gguf_names
+    from dropquant.gguf.export import export_checkpoint
+    from dropquant.gguf.imatrix import module_gguf_names
 
     path = checkpoint(tmp_path, family)
     model = prune_model(load_model(resolve_source(str(path))), PLANS["joint"])
@@ -160,7 +160,7 @@ def test_stream_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch):
 
 
 def test_cuda_device_refused_without_a_gpu():
-    from dropquant.models import resolve_device
+    from dropquant.model.loading import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

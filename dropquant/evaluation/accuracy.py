@@ -31,7 +31,7 @@ def make_lm(model: str | Path, n_ctx: int = 2048, threads: int = 2, batch_size: 
         if "dropquant" in config:  # a pruned checkpoint: transformers alone cannot build its missing modules
             from transformers import AutoTokenizer
 
-            from ..pruning import load_pruned
+            from dropquant.prune.pruned_checkpoint import load_pruned
 
             return HFLM(pretrained=load_pruned(path), tokenizer=AutoTokenizer.from_pretrained(path),
                         batch_size=batch_size, max_length=n_ctx, device="cpu")

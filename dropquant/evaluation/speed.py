@@ -297,7 +297,7 @@ class Bench:
 
         from llama_cpp import Llama
 
-        from ..quantization import kv_cache_mib_from_log, llama_log_capture
+        from dropquant.gguf.quantize import kv_cache_mib_from_log, llama_log_capture
 
         with llama_log_capture() as lines:
             self.llama = Llama(model_path=model_path, n_ctx=SPEED_CTX, n_batch=CHUNK, n_ubatch=CHUNK,

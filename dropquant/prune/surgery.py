@@ -1,6 +1,5 @@
-"""Apply a drop plan to a loaded Llama/Mistral model, save it as a smaller HF checkpoint, and reload it exactly.
+"""Apply a drop plan (or a pruning record's layout) to a loaded Llama-family model, in memory.
 
-In memory:
   - a dropped block is deleted from `model.model.layers` (the rest are renumbered);
   - a dropped attention deletes `input_layernorm` + `self_attn` of its layer, a dropped MLP deletes
     `post_attention_layernorm` + `mlp`; the layer's class is swapped for a subclass whose forward skips
@@ -8,40 +7,24 @@ In memory:
   - a layer that loses both halves is the identity and is deleted like a dropped block;
   - the kept attention modules get consecutive `layer_idx` 0..A-1, so the KV cache has entries for those
     A layers only, and `get_seq_length()` (which reads entry 0) always reads a real attention layer.
-On disk (`save_pruned`): model.safetensors holds exactly the kept tensors (tied lm_head omitted), and
-config.json is the model's config with num_hidden_layers = kept blocks plus a "dropquant" record:
+The layout is kept on the config as a record (RECORD_KEY), which `dropquant.prune.pruned_checkpoint` writes to
+and reads from disk:
   {"base_num_hidden_layers": L, "kept_layers": [original index of each kept block],
    "dropped_attn": [kept-layer indices], "dropped_mlp": [kept-layer indices], "model_type": "llama",
    "linear_attn": [kept-layer indices]}
 "linear_attn" (written by the heal stage; a subset of dropped_attn) names the layers whose dropped attention
 is replaced by a linear stand-in: X + W·LN(X), with the layer's own input_layernorm and a hidden x hidden
 `linear_attn` matrix (llama.cpp's deci "linear attention"), which holds no KV cache.
-With sublayers dropped, config.json's model_type is PRUNED_MODEL_TYPE, so that a plain transformers load
-fails instead of filling the dropped modules with random weights; the record keeps the real model type.
-`load_pruned` rebuilds the standard architecture from that config, applies the record, and loads the
-safetensors with strict key checking. No pickle, no remote code.
 """
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
 from typing import Optional
 
-from .atomic import atomic_dir
-from .checkpoint import Checkpoint, no_init, write_checkpoint
-from .errors import DropquantError
-from .models import check_architecture, decoder_layers
-from .selection import DropPlan
-
-log = logging.getLogger(__name__)
+from dropquant.errors import DropquantError
+from dropquant.model.loading import decoder_layers
+from dropquant.prune.selection import DropPlan
 
 RECORD_KEY = "dropquant"
-# transformers loads a Llama config whose layers lack weights with those weights randomly initialized and only a
-# warning. A model type it does not know makes it fail instead, and its error ("...has model type `X` but
-# Transformers does not recognize this architecture") quotes the type: so the type says what to do.
-PRUNED_MODEL_TYPE = ("dropquant-pruned (sublayers dropped: load it with dropquant.load_pruned(path); "
-                     "for vLLM or llama.cpp's converter, use drop.export: nemotron-nas)")
 ATTN_PARTS = ("input_layernorm", "self_attn")
 MLP_PARTS = ("post_attention_layernorm", "mlp")
 
@@ -219,186 +202,6 @@ def prune_model(model, plan: DropPlan):
     apply_layout(model, {"base_num_hidden_layers": n_layers, "kept_layers": kept, "dropped_attn": attn,
                          "dropped_mlp": mlp})
     return model
-
-
-# --- saving --------------------------------------------------------------------------------------------
-
-def _tied_keys(model) -> set[str]:
-    """State-dict keys that alias another tensor (the tied LM head): saved once, re-tied on load."""
-    return {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-
-
-def config_dict(model) -> dict:
-    data = model.config.to_dict()
-    data["num_hidden_layers"] = len(decoder_layers(model))
-    record = dict(pruning_record(model) or {
-        "base_num_hidden_layers": data["num_hidden_layers"], "kept_layers": list(range(data["num_hidden_layers"])),
-        "dropped_attn": [], "dropped_mlp": []})
-    record["model_type"] = data["model_type"]
-    if record["dropped_attn"] or record["dropped_mlp"]:
-        data["model_type"] = PRUNED_MODEL_TYPE
-    data[RECORD_KEY] = record
-    data["architectures"] = [type(model).__name__]
-    # The weights are written dequantized: a GGUF source's quantization record no longer applies.
-    for key in ("_name_or_path", "gguf_file", "quantization_config"):
-        data.pop(key, None)
-    data["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return data
-
-
-def _write_pruned(model, path, load, generation_config, tokenizer, extra_files) -> dict:
-    """The directory both paths write: `model` gives names, shapes and config (it may live on the meta
-    device), `load(name)` each tensor as written."""
-    path = Path(path)
-    tied = _tied_keys(model)
-    dtype_size = {k: v.element_size() for k, v in model.state_dict().items()}
-    sizes = {k: v.numel() * dtype_size[k] for k, v in model.state_dict().items() if k not in tied}
-    with atomic_dir(path) as tmp:
-        written = write_checkpoint(tmp, sizes, load)
-        (tmp / "config.json").write_text(json.dumps(config_dict(model), indent=2, sort_keys=True) + "\n")
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-    return written
-
-
-def save_pruned(model, path, tokenizer=None, extra_files: Optional[dict[str, str]] = None) -> dict:
-    """Write a loaded model as a Hugging Face directory atomically; returns the tensor bytes written."""
-    state = model.state_dict()
-    return _write_pruned(model, path, lambda name: state[name].detach(), getattr(model, "generation_config", None),
-                         tokenizer, extra_files)
-
-
-def save_pruned_from(model, source_dir, path, tokenizer=None, progress: bool = True) -> dict:
-    """Write the directory `save_pruned` would, for a pruned `model` on the meta device, copying each kept
-    tensor (in the model's dtype) from the safetensors checkpoint it was built from: one tensor in memory
-    at a time, one shard at most."""
-    from tqdm import tqdm
-    from transformers import GenerationConfig
-
-    source = Checkpoint(source_dir)
-    kept = model.config.dropquant["kept_layers"]
-
-    def source_name(name: str) -> str:
-        parts = name.split(".")
-        if name.startswith("model.layers."):
-            parts[2] = str(kept[int(parts[2])])
-        return ".".join(parts)
-
-    state = model.state_dict()
-    bar = tqdm(total=len(state) - len(_tied_keys(model)), desc="writing pruned checkpoint", unit="tensor",
-               disable=not progress)
-
-    def load(name: str):
-        bar.update(1)
-        t = source.get(source_name(name))
-        return t.to(state[name].dtype) if t.is_floating_point() else t
-
-    try:
-        generation = GenerationConfig.from_pretrained(str(source_dir))
-    except OSError:
-        generation = GenerationConfig.from_model_config(model.config)
-    try:
-        return _write_pruned(model, path, load, generation, tokenizer, None)
-    finally:
-        bar.close()
-
-
-def checkpoint_tensor_bytes(path) -> int:
-    return Checkpoint(path).total_bytes()
-
-
-# --- loading -------------------------------------------------------------------------------------------
-
-def read_config_json(path) -> dict:
-    """A checkpoint's config.json as a dict, a sublayer-dropped checkpoint's real model type put back."""
-    raw = json.loads((Path(path) / "config.json").read_text())
-    if raw.get("model_type") == PRUNED_MODEL_TYPE:
-        raw["model_type"] = (raw.get(RECORD_KEY) or {}).get("model_type")
-    return raw
-
-
-def _config_from_dict(raw: dict, path: Path):
-    from transformers import CONFIG_MAPPING
-
-    if raw.get("model_type") == "nemotron-nas":
-        from .nemotron import llama_config_from_nemotron
-
-        raw = llama_config_from_nemotron(raw)
-    if raw.get("model_type") not in CONFIG_MAPPING:
-        raise DropquantError(f"{path}/config.json: model_type {raw.get('model_type')!r} is not one transformers knows")
-    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
-
-
-def config_from_checkpoint(path):
-    """A checkpoint directory's transformers config (a pruned one's record included), its family checked."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise DropquantError(f"{path}: no config.json (not a Hugging Face model directory)")
-    config = _config_from_dict(read_config_json(path), path)
-    check_architecture(config, str(path))
-    return config
-
-
-def read_record(config) -> dict:
-    n = config.num_hidden_layers
-    record = getattr(config, RECORD_KEY, None) or {
-        "base_num_hidden_layers": n, "kept_layers": list(range(n)), "dropped_attn": [], "dropped_mlp": []}
-    if len(record["kept_layers"]) != n:
-        raise DropquantError(f"config.json: dropquant.kept_layers lists {len(record['kept_layers'])} layers "
-                             f"but num_hidden_layers is {n}")
-    for key in ("dropped_attn", "dropped_mlp", "linear_attn"):
-        bad = [i for i in record.get(key, []) if not 0 <= i < n]
-        if bad:
-            raise DropquantError(f"config.json: dropquant.{key} has indices {bad} outside the {n} kept layers")
-    stray = sorted(set(record.get("linear_attn", [])) - set(record["dropped_attn"]))
-    if stray:
-        raise DropquantError(f"config.json: dropquant.linear_attn lists layers {stray} whose attention is not dropped")
-    return record
-
-
-def load_pruned(path, dtype=None, device: str = "cpu"):
-    """A pruned (or plain) HF directory as a torch model in eval mode, weights checked key by key."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    path = Path(path)
-    config = config_from_checkpoint(path)
-    checkpoint = Checkpoint(path)
-    record = read_record(config)
-    dtype = dtype or torch.float32
-    with no_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_layout(model, record)
-
-    expected = set(model.state_dict().keys())
-    tied = _tied_keys(model)
-    stored = set(checkpoint.keys())
-    missing = sorted(expected - stored - tied)
-    unexpected = sorted(stored - expected)
-    if missing or unexpected:
-        raise DropquantError(f"{path}: weights do not match config.json: missing {missing[:8]}"
-                             f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                             f"{'...' if len(unexpected) > 8 else ''}")
-    state = checkpoint.get_many(sorted(stored))
-    for k, v in state.items():
-        if v.is_floating_point():
-            state[k] = v.to(dtype)
-    model.load_state_dict(state, strict=False)
-    del state
-    # Tied keys point at the same storage as their source; re-tie in case load_state_dict broke the alias.
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
-    if device != "cpu":
-        from accelerate import dispatch_model, infer_auto_device_map
-
-        model = (dispatch_model(model, infer_auto_device_map(model)) if device == "auto" else model.to(device))
-    return model.eval()
 
 
 def summary(model) -> dict:

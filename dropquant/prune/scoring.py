@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .layerwise import InMemoryStack, run_layers
+from dropquant.model.layerwise import InMemoryStack, run_layers
 
 log = logging.getLogger(__name__)
 UNITS = ("attn", "mlp", "block")

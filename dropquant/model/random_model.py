@@ -1,6 +1,6 @@
 """Random-weight Hugging Face checkpoints of any shape, written to disk, for testing models larger than memory.
 
-    python -m dropquant.random_model OUT --layers 26 [--preset llama3-8b] [--family llama|qwen2|qwen3]
+    python -m dropquant.model.random_model OUT --layers 26 [--preset llama3-8b] [--family llama|qwen2|qwen3]
                                      [--dtype bfloat16] [--hidden H ...] [--shard-gb 2] [--seed 0]
 
 The directory is what `save_pretrained` writes (config.json, model.safetensors or model-0000K-of-0000N.safetensors
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .atomic import atomic_dir
-from .checkpoint import Checkpoint, write_checkpoint
-from .errors import DropquantError
+from dropquant.atomic import atomic_dir
+from dropquant.model.checkpoint import Checkpoint, write_checkpoint
+from dropquant.errors import DropquantError
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def _chunk_seed(seed: int, name: str, chunk: int) -> int:
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(spec: str):
     # Cached: the embedded tokenizer comes out of a GGUF file, which takes 10-20 s to parse.
-    from .models import load_tokenizer, resolve_source
+    from dropquant.model.loading import load_tokenizer, resolve_source
 
     return load_tokenizer(resolve_source(spec))
 
@@ -251,7 +251,7 @@ def _check_disk(out: Path, nbytes: int) -> None:
 
 
 def _parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dropquant.random_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dropquant.model.random_model", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="checkpoint directory to write (replaced if it holds a checkpoint)")
     p.add_argument("--layers", type=int, required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b",

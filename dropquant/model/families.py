@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from .errors import DropquantError
+from dropquant.errors import DropquantError
 
 
 @dataclass(frozen=True)

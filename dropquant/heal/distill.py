@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from .errors import DropquantError
-from .layerwise import LayerPass, layer_output, walk_layers
+from dropquant.errors import DropquantError
+from dropquant.model.layerwise import LayerPass, layer_output, walk_layers
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .errors import DropquantError
-from .params import Params, check_against_model, normalize_protect
+from dropquant.errors import DropquantError
+from dropquant.params import Params, check_against_model, normalize_protect
 
 SCORE_UNITS = ("attn", "mlp", "block")
 

@@ -24,8 +24,8 @@ from typing import Iterator, Optional, Protocol
 
 import torch
 
-from .checkpoint import Checkpoint
-from .errors import DropquantError
+from dropquant.model.checkpoint import Checkpoint
+from dropquant.errors import DropquantError
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class StreamedStack:
     """A safetensors checkpoint's layers, one at a time: only the layer in use holds memory."""
 
     def __init__(self, path, config, dtype: torch.dtype, device: str = "cpu", record: Optional[dict] = None):
-        from .models import build_skeleton
-        from .pruning import apply_layout
+        from dropquant.model.loading import build_skeleton
+        from dropquant.prune.surgery import apply_layout
 
         self.checkpoint = Checkpoint(path)
         self.config = config
@@ -308,7 +308,7 @@ def should_stream(stream, directory: Optional[Path], dtype: torch.dtype, device:
 
 def source_stack(source, dtype: torch.dtype, device: str, stream):
     """The layers of model.source, loaded whole or streamed as `stream` (model.stream) decides."""
-    from .models import checkpoint_dir, load_config, load_model
+    from dropquant.model.loading import checkpoint_dir, load_config, load_model
 
     directory = checkpoint_dir(source)
     if should_stream(stream, directory, dtype, device, source.spec):
@@ -318,7 +318,7 @@ def source_stack(source, dtype: torch.dtype, device: str, stream):
 
 def checkpoint_stack(path, dtype: torch.dtype, device: str, stream):
     """The layers of a (pruned) checkpoint written by the drop stage, loaded whole or streamed."""
-    from .pruning import config_from_checkpoint, load_pruned, read_record
+    from dropquant.prune.pruned_checkpoint import config_from_checkpoint, load_pruned, read_record
 
     if should_stream(stream, Path(path), dtype, device, str(path)):
         config = config_from_checkpoint(path)

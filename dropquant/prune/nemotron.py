@@ -22,7 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import DropquantError
+from dropquant.errors import DropquantError
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def export_nemotron(pruned_dir, out_dir) -> Path:
     """Write `out_dir` = `pruned_dir` with a DeciLM config.json; the tensors and tokenizer are the same files."""
     import shutil
 
-    from .atomic import atomic_dir
+    from dropquant.atomic import atomic_dir
 
     pruned_dir, out_dir = Path(pruned_dir), Path(out_dir)
     llama_config = json.loads((pruned_dir / "config.json").read_text())

@@ -13,7 +13,7 @@ for a block drop. A dropped MLP has no stand-in (llama.cpp's FFN is gated, so no
 
 The healed checkpoint has the pruned checkpoint's format: its record gains `linear_attn` (the kept-layer
 indices of stand-ins; dropped blocks come back as layers with attention and MLP dropped and a stand-in)
-and `heal_id`. The stage's heal.json names what it was made from; `read_heal` checks it for a consumer.
+and `heal_id` (`dropquant.heal.apply` writes the heal record that names it).
 """
 from __future__ import annotations
 
@@ -25,18 +25,17 @@ from typing import Optional
 
 import torch
 
-from .artifacts import PLAN_ID, check_same, json_digest, read_json
-from .errors import DropquantError
-from .layerwise import LayerPass, layer_output, walk_layers
-from .pruning import RECORD_KEY, attention_half, mlp_half
+from dropquant.errors import DropquantError
+from dropquant.model.checkpoint import Checkpoint
+from dropquant.model.layerwise import LayerPass, layer_output, walk_layers
+from dropquant.model.loading import build_skeleton
+from dropquant.prune.pruned_checkpoint import _write_pruned, config_from_checkpoint, read_record, side_files
+from dropquant.prune.surgery import apply_layout, attention_half, mlp_half
 
 log = logging.getLogger(__name__)
 
-HEAL_FILE = "heal.json"
-HEAL_ID = "heal_id"
+HEAL_ID = "heal_id"  # the pruning-record key naming the heal a checkpoint came from
 STANDIN_KEY = "linear_attn.weight"
-# Files of a checkpoint directory that are not its weights or config: carried into the healed one as they are.
-_WEIGHTS_AND_CONFIG = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 # --- which layers get a stand-in, and the healed layout ------------------------------------------------------
@@ -159,19 +158,9 @@ def fit_linear(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: st
 
 # --- writing the healed checkpoint ---------------------------------------------------------------------------
 
-def side_files(checkpoint_dir: Path) -> dict[str, bytes]:
-    """A checkpoint's tokenizer and other side files (everything but weights and config), by name."""
-    return {p.name: p.read_bytes() for p in sorted(Path(checkpoint_dir).iterdir())
-            if p.is_file() and p.name not in _WEIGHTS_AND_CONFIG and not p.name.endswith(".safetensors")}
-
-
 def write_linear_healed(pruned_dir: Path, out_dir: Path, plan, fit: LinearFit, heal_id: str) -> dict:
     """The pruned checkpoint plus the fitted stand-ins, written tensor by tensor (no model is loaded)."""
     from transformers import GenerationConfig
-
-    from .checkpoint import Checkpoint
-    from .models import build_skeleton
-    from .pruning import _write_pruned, apply_layout, config_from_checkpoint, read_record
 
     config = config_from_checkpoint(pruned_dir)
     pruned_record = read_record(config)
@@ -211,88 +200,3 @@ def standin_parameters(fit: LinearFit) -> int:
     return sum(w.numel() for w in fit.weights.values()) + sum(n.numel() for n in fit.norms.values())
 
 
-# --- the heal artifact ---------------------------------------------------------------------------------------
-
-def heal_id(heal_params: dict, plan_id: str, calibration_sha256: Optional[str]) -> str:
-    """Digest of everything a healed checkpoint follows from."""
-    return json_digest({"heal": heal_params, PLAN_ID: plan_id, "calibration_sha256": calibration_sha256})
-
-
-def read_heal(directory: str | Path, plan: dict) -> tuple[dict, Optional[Path]]:
-    """(heal.json, the checkpoint to export: the healed one, or None for the pruned one as it is), refused
-    when it was made for another plan or its checkpoint is not the one it describes."""
-    directory = Path(directory)
-    hint = "run the heal stage"
-    record = read_json(directory / HEAL_FILE, "heal record", hint)
-    check_same(str(directory / HEAL_FILE), PLAN_ID, record.get(PLAN_ID), plan[PLAN_ID],
-               f"it heals another drop plan than the current one; {hint}")
-    if not record.get("checkpoint"):
-        return record, None
-    checkpoint = directory / record["checkpoint"]
-    config = read_json(checkpoint / "config.json", "healed checkpoint", hint)
-    check_same(f"{checkpoint}/config.json", HEAL_ID, (config.get(RECORD_KEY) or {}).get(HEAL_ID), record.get(HEAL_ID),
-               f"the checkpoint is not the one {directory / HEAL_FILE} describes (an interrupted heal stage?); {hint}")
-    return record, checkpoint
-
-
-# --- the whole heal: linear, distill, or both ------------------------------------------------------------------
-
-def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Path, tokens: torch.Tensor,
-         calibration_sha256: str, open_base, dtype: torch.dtype, device: str, batch_size: int = 2,
-         progress: bool = True) -> dict:
-    """Heal the pruned checkpoint `pruned_dir` cut by `plan` into `out_dir` (a fresh directory); returns the
-    record written as heal.json. `open_base()` gives the unpruned model's layer stack (in memory or streamed)."""
-    from .distill import check_precision, distill, teacher_targets
-    from .pruning import load_pruned, save_pruned
-    from .selection import DropPlan
-
-    hp = heal_params
-    record = {"method": method, PLAN_ID: plan[PLAN_ID], "params": hp.model_dump(mode="json"),
-              "calibration_sha256": calibration_sha256, "checkpoint": None}
-    record[HEAL_ID] = heal_id(record["params"], plan[PLAN_ID], calibration_sha256)
-    if method == "none":
-        return record
-    if "distill" in method:
-        check_precision(hp.precision, device)  # before the fit and the teacher pass, not after them
-    if tokens.shape[0] <= hp.holdout:
-        raise DropquantError(f"heal.holdout={hp.holdout} leaves no calibration sample to fit on: the calibration "
-                             f"tokens have {tokens.shape[0]} samples")
-    dplan = DropPlan.from_json(plan)
-    train, holdout = tokens[:-hp.holdout], tokens[-hp.holdout:]
-    record["tokens"] = {"train_samples": int(train.shape[0]), "heldout_samples": int(holdout.shape[0]),
-                        "seq_len": int(tokens.shape[1])}
-    checkpoint = out_dir / "model"
-    student_dir = pruned_dir
-    if "linear" in method:
-        layers = standin_layers(dplan)
-        if not layers:
-            log.warning("heal.method=%s: the plan drops no attention, so there is no linear stand-in to fit", method)
-        else:
-            log.info("fitting %d linear stand-ins (layers %s) on %d tokens (%s inputs, ridge %g)", len(layers),
-                     layers, train.numel(), hp.fit_on, hp.ridge)
-            fit = fit_linear(open_base(), dplan, train, ridge=hp.ridge, fit_on=hp.fit_on, batch_size=batch_size,
-                             progress=progress)
-            student_dir = out_dir / "linear" if "distill" in method else checkpoint
-            write_linear_healed(pruned_dir, student_dir, dplan, fit, record[HEAL_ID])
-            record["linear"] = {"layers": sorted(fit.weights), "explained": {str(k): v for k, v in fit.explained.items()},
-                                "params_added": standin_parameters(fit), "seconds": round(fit.seconds, 2)}
-    if "distill" in method:
-        targets = teacher_targets(open_base(), tokens, hp.topk, hidden=hp.hidden_weight > 0, batch_size=batch_size,
-                                  progress=progress)
-        n_train = train.shape[0]
-        student = load_pruned(student_dir, torch.float32, device)
-        student, result = distill(student, targets.select(slice(0, n_train)), targets.select(slice(n_train, None)),
-                                  what=hp.train, lora_rank=hp.lora_rank, steps=hp.steps, lr=hp.lr,
-                                  batch_size=hp.batch_size, hidden_weight=hp.hidden_weight, eval_every=hp.eval_every,
-                                  patience=hp.patience, seed=hp.seed, device=device, precision=hp.precision,
-                                  progress=progress)
-        student.config.dropquant[HEAL_ID] = record[HEAL_ID]
-        save_pruned(student.to(dtype), checkpoint, extra_files=side_files(student_dir))
-        record["distill"] = result.to_json()
-        if student_dir != pruned_dir:
-            import shutil
-
-            shutil.rmtree(student_dir)
-    if checkpoint.is_dir():
-        record["checkpoint"] = checkpoint.name
-    return record

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import DropquantError
-from .families import family_of
-from .workspace import workspace_path
+from dropquant.errors import DropquantError
+from dropquant.model.families import family_of
+from dropquant.workspace import workspace_path
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def source_dtype(source: ModelSource) -> str:
     directory = checkpoint_dir(source)
     if directory is None:
         return "float32"
-    from .checkpoint import Checkpoint
+    from dropquant.model.checkpoint import Checkpoint
 
     return Checkpoint(directory).floating_dtype()
 
@@ -284,7 +284,7 @@ def build_skeleton(config, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import no_init
+    from dropquant.model.checkpoint import no_init
 
     with torch.device("meta"), no_init():
         return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)

@@ -1,6 +1,6 @@
 """Pruned Hugging Face checkpoint -> GGUF file that llama.cpp runs, written with gguf-py one tensor at a time.
 
-Which llama.cpp architecture (dropquant.families holds one spec per model family):
+Which llama.cpp architecture (dropquant.model.families holds one spec per model family):
 
 - Nothing dropped, or only whole blocks: the family's own architecture with fewer blocks (`llama` for Llama
   and Mistral, `qwen2`, `qwen3`), laid out as llama.cpp's convert_hf_to_gguf.py lays it out.
@@ -22,7 +22,7 @@ Four facts of llama.cpp's deci graph and KV cache shape the deci layout (see DES
   ZERO_FFN_WIDTH columns whose weights are all zero: x + down(silu(gate x) * up x) = x + 0 = x,
   exactly, in every quant type (zeros quantize to zeros).
 - head_count > 0 with head_count_kv 0 is "linear attention", x + W_o * norm(x) with W_o hidden x hidden:
-  exactly a healed layer's linear stand-in (dropquant.heal), with no KV cache.
+  exactly a healed layer's linear stand-in (dropquant.heal.linear), with no KV cache.
 - the first block's head_count sets the head size of the whole model, so the first block cannot
   have head_count 0. Its dropped attention is written as deci's "linear attention" form
   (head_count > 0, head_count_kv 0: x + W_o * norm(x)) with W_o all zero: exact, and no KV cache.
@@ -51,9 +51,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import DropquantError
-from .families import Family, biased_projections, check_gguf_expressible, family_of
+from dropquant.atomic import atomic_path
+from dropquant.errors import DropquantError
+from dropquant.model.families import Family, biased_projections, check_gguf_expressible, family_of
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +263,10 @@ class StateDictTensors:
 
 
 class SafetensorsTensors:
-    """A checkpoint directory's tensors (dropquant.checkpoint: headers up front, one tensor per read)."""
+    """A checkpoint directory's tensors (dropquant.model.checkpoint: headers up front, one tensor per read)."""
 
     def __init__(self, directory: str | Path):
-        from .checkpoint import Checkpoint
+        from dropquant.model.checkpoint import Checkpoint
 
         self._checkpoint = Checkpoint(directory)
 
@@ -603,7 +603,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer_gguf
 
     Tokenizer from `tokenizer_gguf` if given, else the directory. `out_type` "auto" keeps the weights' dtype.
     """
-    from .pruning import read_config_json
+    from dropquant.prune.pruned_checkpoint import read_config_json
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():

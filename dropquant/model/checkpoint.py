@@ -14,8 +14,8 @@ import struct
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
-from .atomic import umask
-from .errors import DropquantError
+from dropquant.atomic import umask
+from dropquant.errors import DropquantError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = f"{WEIGHTS_NAME}.index.json"
