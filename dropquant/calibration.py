@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -141,7 +142,8 @@ def generate_tokens(model, tokenizer, n_samples: int, seq_len: int, seed: int, p
 #   - a token is drawn from the float64 softmax of llama.cpp's logits by inverse CDF (sample_rows): sequential
 #     cumulative sums, no parallel reduction;
 #   - llama.cpp's CPU kernels compute each output row in one thread, so the thread count does not change the
-#     logits (tested); flash attention, batch and context sizes are fixed here, not left to "auto".
+#     logits (tested), and ThreadChooser may pick 1 thread or all cores step by step as the machine's load
+#     makes one faster; flash attention, batch and context sizes are fixed here, not left to "auto".
 # The model runs on the CPU whatever model.device says, so the tokens do not depend on the device. They are not
 # torch's tokens: llama.cpp multiplies quantized weights by 8-bit-quantized activations and keeps K/V in F16, so
 # the distribution is the same to within that rounding and the draws are other draws.
@@ -180,6 +182,38 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class ThreadChooser:
+    """The thread count for each decode step: every `period` steps, `probe` steps with each of 1 and `threads`
+    threads, then the faster one (least time of its probe steps) until the next probe. llama.cpp with as many
+    threads as cores collapses when another process takes a core (measured here: 32 x 32 tokens of the embedded
+    model, 2 threads 256 s, 1 thread 51 s under load) and is faster alone; the tokens are the same either way."""
+
+    def __init__(self, threads: int, period: int = 64, probe: int = 2) -> None:
+        self.options = sorted({1, max(1, threads)})
+        self.period, self.probe = period, probe
+        self.best = self.options[-1]
+        self.times: dict[int, float] = {}
+
+    def threads(self, step: int) -> int:
+        phase = step % self.period
+        n_probe = self.probe * len(self.options)
+        if len(self.options) > 1 and phase < n_probe:
+            return self.options[phase // self.probe]
+        return self.best
+
+    def record(self, step: int, threads: int, seconds: float) -> None:
+        phase = step % self.period
+        n_probe = self.probe * len(self.options)
+        if len(self.options) == 1 or phase >= n_probe:
+            return
+        if phase % self.probe == 0:
+            self.times[threads] = seconds
+        else:
+            self.times[threads] = min(self.times[threads], seconds)
+        if phase == n_probe - 1:
+            self.best = min(self.options, key=lambda t: self.times[t])
+
+
 class _LlamaCppDecoder:
     """A llama.cpp context of `n_seq` sequences of `seq_len` cells each, one stream per sequence."""
 
@@ -216,6 +250,12 @@ class _LlamaCppDecoder:
             self.close()
             raise
         self.n_seq = n_seq
+        self.n_threads = threads
+
+    def set_threads(self, n: int) -> None:
+        if n != self.n_threads:
+            self.lib.llama_set_n_threads(self.ctx, n, n)
+            self.n_threads = n
 
     def step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         """Token `pos` of every sequence (tokens[i] for sequence i); returns a copy of the logits [n_seq, vocab]."""
@@ -265,8 +305,13 @@ def sample_gguf(path: str | Path, start: int, n_samples: int, seq_len: int, seed
         hi = min(lo + SAMPLE_GROUP, n_samples)
         dec = _LlamaCppDecoder(path, hi - lo, seq_len, threads)
         try:
+            chooser = ThreadChooser(threads)
             for pos in range(seq_len - 1):
+                n = chooser.threads(pos)
+                dec.set_threads(n)
+                t0 = time.perf_counter()
                 logits = dec.step(out[lo:hi, pos], pos)
+                chooser.record(pos, n, time.perf_counter() - t0)
                 out[lo:hi, pos + 1] = sample_rows(logits, u[lo:hi, pos])
                 bar.update(hi - lo)
         finally:

@@ -2,7 +2,6 @@
 in torch (HF sources) and in llama.cpp (GGUF sources)."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -135,23 +134,33 @@ def test_gguf_sampling_follows_the_model(tiny_gguf):
 
 
 def test_calibrate_stage_samples_a_gguf_source_in_llamacpp(tmp_path, tiny_gguf):
-    """A GGUF source is sampled in llama.cpp: the stage's tokens are sample_gguf's, the manifest says so, and
-    two runs write identical bytes."""
+    """A GGUF source is sampled in llama.cpp: the stage's tokens are sample_gguf's and the manifest says so.
+    (Two runs giving the same bytes: test_gguf_sampling_is_deterministic_... and test_reproducibility.py.)"""
+    from safetensors.torch import load_file
+
     from stages.calibrate import main
 
     _, path = tiny_gguf
     params = tmp_path / "params.yaml"
     params.write_text(f"model: {{source: {path}}}\ncalibration: {{n_samples: 2, seq_len: 16, seed: 3}}\n")
-    digests = []
-    for run in range(2):
-        out = tmp_path / f"cal{run}"
-        assert main(["--params", str(params), "--out", str(out)]) == 0
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()})
-    assert digests[0] == digests[1]
-    manifest = json.loads((tmp_path / "cal0" / "manifest.json").read_text())
+    out = tmp_path / "cal"
+    assert main(["--params", str(params), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampler"] == "llama.cpp"
-    from safetensors.torch import load_file
+    tokens = load_file(str(out / "tokens.safetensors"))["input_ids"]
+    assert manifest["sha256"] == cal.tokens_digest(tokens)
+    assert torch.equal(tokens, cal.sample_gguf(path, tokens[0, 0].item(), 2, 16, 3, progress=False))
 
-    tokens = load_file(str(tmp_path / "cal0" / "tokens.safetensors"))["input_ids"]
-    start = tokens[0, 0].item()
-    assert torch.equal(tokens, cal.sample_gguf(path, start, 2, 16, 3, progress=False))
+
+def test_thread_chooser_probes_both_counts_then_keeps_the_faster():
+    ch = cal.ThreadChooser(4, period=10, probe=2)
+    seen = []
+    for step in range(20):
+        n = ch.threads(step)
+        seen.append(n)
+        slow = (n == 4) if step < 10 else (n == 1)  # 4 threads slow at first (a busy machine), then 1 thread
+        ch.record(step, n, 1.0 if slow else 0.1)
+    assert seen[:4] == [1, 1, 4, 4] and set(seen[4:10]) == {1}
+    assert seen[10:14] == [1, 1, 4, 4] and set(seen[14:20]) == {4}
+    single = cal.ThreadChooser(1)
+    assert {single.threads(s) for s in range(100)} == {1}
