@@ -35,7 +35,7 @@ def run(params, args) -> None:
         sampler = "llama.cpp" if source.gguf_path is not None else "torch"
         log.info("data-free calibration: sampling %d x %d tokens from %s in %s", c.n_samples, c.seq_len, source.spec,
                  sampler)
-        if source.gguf_path is not None:  # the GGUF itself, in llama.cpp (dropquant/gguf_sampling.py): ~4x faster
+        if source.gguf_path is not None:  # the GGUF itself, in llama.cpp: docs/performance.md#calibration
             input_ids = cal.generate_tokens_gguf(source.gguf_path, tokenizer, c.n_samples, c.seq_len, c.seed)
         else:
             input_ids = cal.generate_tokens(load_model(source, dtype, device), tokenizer, c.n_samples, c.seq_len,
