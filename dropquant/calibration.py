@@ -1,14 +1,18 @@
 """Calibration tokens: texts from a source, joined by EOS and cut into n_samples x seq_len blocks (the paper's "pt" mode)."""
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import json
 import logging
+import os
 import random
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .errors import DropquantError
@@ -98,6 +102,10 @@ def pack(texts: Iterable[str], tokenizer, n_samples: int, seq_len: int) -> tuple
     return torch.tensor(stream[:need], dtype=torch.int64).view(n_samples, seq_len), used
 
 
+def _start_token(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.inference_mode()
 def generate_tokens(model, tokenizer, n_samples: int, seq_len: int, seed: int, progress: bool = True) -> torch.Tensor:
     """Data-free calibration: sample n_samples sequences from the model itself, starting from BOS.
@@ -106,7 +114,7 @@ def generate_tokens(model, tokenizer, n_samples: int, seq_len: int, seed: int, p
     ones the model really sees; EOS tokens it emits join texts just as in packed data."""
     from tqdm import tqdm
 
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = _start_token(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     ids = torch.full((n_samples, 1), start, dtype=torch.int64)
@@ -120,6 +128,202 @@ def generate_tokens(model, tokenizer, n_samples: int, seq_len: int, seed: int, p
         out = model(input_ids=nxt.to(device), cache=cache, use_cache=True)
         cache = out.cache
     return torch.cat(tokens, dim=1)
+
+
+# Sampling in llama.cpp, for GGUF sources (the embedded default): torch float32 sampling of the embedded model,
+# 32 x 512 tokens, took ~204 s of `make run` (one float32 forward of 30 layers per token step, and a KV cache
+# concatenated anew at every step). llama.cpp runs the GGUF's own quantized weights, keeps one KV stream per
+# sequence (kv_unified off: a token attends over its own sequence's cells only) and advances every sequence by
+# one token per llama_decode call: docs/performance.md, "Calibration", for the times.
+#
+# Deterministic for a seed:
+#   - the random numbers are drawn up front, one numpy PCG64 stream per sequence (SeedSequence(seed).spawn), so
+#     sequence i's draws depend on (seed, i) only;
+#   - a token is drawn from the float64 softmax of llama.cpp's logits by inverse CDF (sample_rows): sequential
+#     cumulative sums, no parallel reduction;
+#   - llama.cpp's CPU kernels compute each output row in one thread, so the thread count does not change the
+#     logits (tested), and ThreadChooser may pick 1 thread or all cores step by step as the machine's load
+#     makes one faster; flash attention, batch and context sizes are fixed here, not left to "auto".
+# The model runs on the CPU whatever model.device says, so the tokens do not depend on the device. They are not
+# torch's tokens: llama.cpp multiplies quantized weights by 8-bit-quantized activations and keeps K/V in F16, so
+# the distribution is the same to within that rounding and the draws are other draws.
+
+# Sequences decoded together: the default calibration (32 samples) is one group. A constant, not the machine's
+# core count, so the kernels llama.cpp picks for a batch (and so the logits) are the same everywhere.
+SAMPLE_GROUP = 32
+
+
+def sample_rows(logits: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One token per row of `logits` [n, vocab] at temperature 1, by inverse CDF of the softmax with uniforms
+    u [n] in [0, 1): token k is chosen when cdf[k-1] <= u * total < cdf[k] (a token of probability 0 never is)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    cdf = np.cumsum(x, axis=1)
+    target = np.asarray(u, dtype=np.float64) * cdf[:, -1]
+    idx = np.array([np.searchsorted(cdf[r], target[r], side="right") for r in range(len(cdf))], dtype=np.int64)
+    return np.minimum(idx, logits.shape[1] - 1)
+
+
+def sample_uniforms(seed: int, n_samples: int, steps: int) -> np.ndarray:
+    """[n_samples, steps] uniforms in [0, 1): row i from its own stream of SeedSequence(seed), so it does not
+    depend on n_samples or on how sequences are grouped."""
+    streams = np.random.SeedSequence(seed).spawn(n_samples)
+    out = np.empty((n_samples, steps), dtype=np.float64)
+    for i, ss in enumerate(streams):
+        out[i] = np.random.Generator(np.random.PCG64(ss)).random(steps)
+    return out
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ThreadChooser:
+    """The thread count for each decode step: every `period` steps, `probe` steps with each of 1 and `threads`
+    threads, then the faster one (least time of its probe steps) until the next probe. llama.cpp with as many
+    threads as cores collapses when another process takes a core (measured here: 32 x 32 tokens of the embedded
+    model, 2 threads 256 s, 1 thread 51 s under load) and is faster alone; the tokens are the same either way."""
+
+    def __init__(self, threads: int, period: int = 64, probe: int = 2) -> None:
+        self.options = sorted({1, max(1, threads)})
+        self.period, self.probe = period, probe
+        self.best = self.options[-1]
+        self.times: dict[int, float] = {}
+
+    def threads(self, step: int) -> int:
+        phase = step % self.period
+        n_probe = self.probe * len(self.options)
+        if len(self.options) > 1 and phase < n_probe:
+            return self.options[phase // self.probe]
+        return self.best
+
+    def record(self, step: int, threads: int, seconds: float) -> None:
+        phase = step % self.period
+        n_probe = self.probe * len(self.options)
+        if len(self.options) == 1 or phase >= n_probe:
+            return
+        if phase % self.probe == 0:
+            self.times[threads] = seconds
+        else:
+            self.times[threads] = min(self.times[threads], seconds)
+        if phase == n_probe - 1:
+            self.best = min(self.options, key=lambda t: self.times[t])
+
+
+class _LlamaCppDecoder:
+    """A llama.cpp context of `n_seq` sequences of `seq_len` cells each, one stream per sequence."""
+
+    def __init__(self, path: Path, n_seq: int, seq_len: int, threads: int) -> None:
+        import llama_cpp
+
+        self.lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise DropquantError(f"llama.cpp cannot load {path} to sample calibration text from")
+        self.ctx = None
+        self.batch = None
+        try:
+            self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_seq * seq_len
+            cparams.n_batch = cparams.n_ubatch = max(n_seq, 1)
+            cparams.n_seq_max = n_seq
+            cparams.kv_unified = False
+            cparams.n_threads = cparams.n_threads_batch = threads
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            cparams.no_perf = True
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                raise DropquantError(f"llama.cpp cannot make a context of {n_seq} x {seq_len} tokens for {path}")
+            if llama_cpp.llama_n_ctx_seq(self.ctx) < seq_len:
+                raise DropquantError(f"llama.cpp gives {llama_cpp.llama_n_ctx_seq(self.ctx)} cells a sequence, "
+                                     f"calibration.seq_len is {seq_len}")
+            self.batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
+        except BaseException:
+            self.close()
+            raise
+        self.n_seq = n_seq
+        self.n_threads = threads
+
+    def set_threads(self, n: int) -> None:
+        if n != self.n_threads:
+            self.lib.llama_set_n_threads(self.ctx, n, n)
+            self.n_threads = n
+
+    def step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        """Token `pos` of every sequence (tokens[i] for sequence i); returns a copy of the logits [n_seq, vocab]."""
+        b = self.batch
+        for i, t in enumerate(tokens.tolist()):
+            b.token[i] = t
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = i
+            b.logits[i] = 1
+        b.n_tokens = len(tokens)
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise DropquantError(f"llama.cpp decode failed ({rc}) at position {pos} while sampling calibration text")
+        ptr = self.lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                     shape=(len(tokens), self.n_vocab)).copy()
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+
+def sample_gguf(path: str | Path, start: int, n_samples: int, seq_len: int, seed: int, threads: int | None = None,
+                progress: bool = True) -> torch.Tensor:
+    """n_samples x seq_len tokens (torch int64) sampled at temperature 1 from the GGUF at `path`, every sequence
+    starting with token `start` (BOS); EOS tokens the model emits are kept and sampling goes on, as in packed data."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    if not path.is_file():
+        raise DropquantError(f"GGUF file not found: {path}")
+    threads = threads or default_threads()
+    u = sample_uniforms(seed, n_samples, seq_len - 1)
+    out = np.empty((n_samples, seq_len), dtype=np.int64)
+    out[:, 0] = start
+    bar = tqdm(total=n_samples * (seq_len - 1), desc="sampling calibration text (llama.cpp)", unit="tok",
+               disable=not progress)
+    for lo in range(0, n_samples, SAMPLE_GROUP):
+        hi = min(lo + SAMPLE_GROUP, n_samples)
+        dec = _LlamaCppDecoder(path, hi - lo, seq_len, threads)
+        try:
+            chooser = ThreadChooser(threads)
+            for pos in range(seq_len - 1):
+                n = chooser.threads(pos)
+                dec.set_threads(n)
+                t0 = time.perf_counter()
+                logits = dec.step(out[lo:hi, pos], pos)
+                chooser.record(pos, n, time.perf_counter() - t0)
+                out[lo:hi, pos + 1] = sample_rows(logits, u[lo:hi, pos])
+                bar.update(hi - lo)
+        finally:
+            dec.close()
+    bar.close()
+    return torch.from_numpy(out)
+
+
+def generate_tokens_gguf(path: str | Path, tokenizer, n_samples: int, seq_len: int, seed: int,
+                         threads: int | None = None, progress: bool = True) -> torch.Tensor:
+    """generate_tokens for a GGUF source: the same start token and temperature, sampled in llama.cpp."""
+    return sample_gguf(path, _start_token(tokenizer), n_samples, seq_len, seed, threads, progress)
 
 
 def source_texts(source: str, hf_config, split: str, text_field: str, seed: int) -> Iterator[str]:

@@ -32,17 +32,24 @@ def run(params, args) -> None:
             raise DropquantError("calibration.source=generated samples text from the whole model, which does not fit "
                                  "in memory here (or model.stream is true): use a text source (a .txt/.jsonl path "
                                  "or hf:<dataset>)")
-        log.info("data-free calibration: sampling %d x %d tokens from %s", c.n_samples, c.seq_len, source.spec)
-        input_ids = cal.generate_tokens(load_model(source, dtype, device), tokenizer, c.n_samples, c.seq_len, c.seed)
+        sampler = "llama.cpp" if source.gguf_path is not None else "torch"
+        log.info("data-free calibration: sampling %d x %d tokens from %s in %s", c.n_samples, c.seq_len, source.spec,
+                 sampler)
+        if source.gguf_path is not None:  # the GGUF itself, in llama.cpp: docs/performance.md#calibration
+            input_ids = cal.generate_tokens_gguf(source.gguf_path, tokenizer, c.n_samples, c.seq_len, c.seed)
+        else:
+            input_ids = cal.generate_tokens(load_model(source, dtype, device), tokenizer, c.n_samples, c.seq_len,
+                                            c.seed)
         texts_used = None
     else:
+        sampler = None
         log.info("packing %d x %d tokens from %s", c.n_samples, c.seq_len, c.source)
         texts = cal.source_texts(c.source, c.hf_config, c.split, c.text_field, c.seed)
         input_ids, texts_used = cal.pack(texts, tokenizer, c.n_samples, c.seq_len)
     manifest = {
         "source": c.source, "split": c.split if c.source.startswith(cal.HF_PREFIX) else None,
         "n_samples": c.n_samples, "seq_len": c.seq_len, "n_tokens": input_ids.numel(), "seed": c.seed,
-        "texts_used": texts_used, "sha256": cal.tokens_digest(input_ids), "model": identity,
+        "texts_used": texts_used, "sampler": sampler, "sha256": cal.tokens_digest(input_ids), "model": identity,
     }
     with atomic_dir(args.out) as tmp:
         save_file({"input_ids": input_ids.contiguous()}, str(tmp / "tokens.safetensors"))
