@@ -135,6 +135,7 @@ class EvalParams(_Section):
     data_dir: Optional[str] = "../shared/data"
     fidelity_tokens: int = Field(4096, ge=0)
     kld: Literal["full", "top64-bound"] = "full"  # full-vocabulary KL (base run again), or the cheap lower bound
+    source_kld: bool = False  # also the KL from the unpruned model in its source precision (the search's scale)
     speed: bool = True
     threads: int = Field(2, ge=1)  # llama.cpp threads for accuracy and fidelity
     n_ctx: int = Field(2048, ge=256)  # llama.cpp context for the benchmark tasks (few-shot prompts must fit)

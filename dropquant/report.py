@@ -57,6 +57,7 @@ def _row(entry: dict, metrics_file: str) -> dict:
         "heal": metrics.get("heal", _get(params, "heal", "method") or "none"),
         "avg": metrics.get(ACCURACY), "base_avg": metrics.get("base_avg"), "avg_delta": metrics.get("avg_delta"),
         "speedup": speedup, "speedup_pp": metrics.get("speedup_pp"), "size_mb": metrics.get(SIZE), "ppl": metrics.get("ppl"), "kld": metrics.get("kld"),
+        "kld_source": metrics.get("kld_source"),
         "speed_noisy": {True: "yes", False: "no"}.get(metrics.get("speed_noisy")),  # the speed-ups' rounds disagreed
         "top1_agree": metrics.get("top1_agree"), "has_metrics": bool(metrics),
         "ifeval": _get(metrics, "chat", "ifeval", "prompt_strict"), "gsm8k": _get(metrics, "chat", "gsm8k", "strict"),

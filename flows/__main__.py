@@ -2,7 +2,8 @@
 
   variant  one variant, each DVC stage a Prefect task      python -m flows variant -S drop.n=4 [--name attn-4]
   sweep    a grid of variants as DVC experiments + report  python -m flows sweep -m attn mlp -n 4 8 -q Q8_0
-  serve    the sweep on a schedule, local Prefect server   python -m flows serve [--cron "0 3 * * *"]
+  search   the smallest/fastest variant within a KL budget  python -m flows search --max-kld 0.6 --minimize size
+  serve    the sweep (or search) on a schedule, local server python -m flows serve [--cron "0 3 * * *"] [--max-kld 0.6]
   worker   run distributed-sweep variants in this clone    python -m flows worker --pool dropquant
 """
 from __future__ import annotations
@@ -64,6 +65,27 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=4200,
                    help="without PREFECT_API_URL: the Prefect server on 127.0.0.1:PORT, started if none answers")
 
+    q = sub.add_parser("search", help="the smallest (or fastest) variant whose KL from the unpruned model is within a "
+                                      "budget, run as a DVC experiment with the full metrics")
+    grid_args(q)
+    q.add_argument("--max-kld", type=float, required=True, help="KL budget, from the unpruned model in its source precision")
+    q.add_argument("--minimize", default="size", choices=["size", "tg", "pp", "kv"],
+                   help="size: GGUF bytes; tg/pp: generation/prompt cost per token (estimated); kv: KV cache per token")
+    q.add_argument("--max-acc-drop", type=float, help="also: average accuracy at most this far below the base's "
+                                                      "(checked on the pick's pipeline run)")
+    q.add_argument("--slack", type=float, default=0.15,
+                   help="measure candidates estimated up to budget x (1 + slack) (default 0.15)")
+    q.add_argument("--estimate-tokens", type=int, default=2048, help="held-out tokens for the drop estimates")
+    q.add_argument("--no-run", action="store_true", help="pick only: do not run the pick through the pipeline")
+    q.add_argument("--out", help="report folder (default: reports/search-<time>/)")
+    q.add_argument("--title", help="report title")
+    q.add_argument("--jobs", type=_jobs, default=1, metavar="N", help="run the pick as a DVC queued experiment")
+    q.add_argument("--distributed", action="store_true", help="run the pick on `python -m flows worker`s")
+    q.add_argument("--pool", default="dropquant", help="Prefect work pool (default dropquant)")
+    q.add_argument("--git-remote", default="origin", help="shared git remote (distributed)")
+    q.add_argument("--dvc-remote", help="DVC remote (distributed; default: the repository's default)")
+    q.add_argument("--port", type=int, default=4200, help="Prefect server port (distributed, without PREFECT_API_URL)")
+
     w = sub.add_parser("worker", help="a Prefect process worker running distributed-sweep variants in this clone")
     w.add_argument("--repo", default=".", help="this worker's clone of the repository (default: the current directory)")
     w.add_argument("--pool", default="dropquant", help="Prefect work pool (default dropquant)")
@@ -77,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cron", help="cron schedule (default: params.yaml sweep.cron)")
     r.add_argument("--interval", type=float, help="schedule every INTERVAL seconds instead of a cron")
     r.add_argument("--port", type=int, default=4200, help="Prefect server port on 127.0.0.1 (default 4200)")
+    r.add_argument("--max-kld", type=float, help="serve the search within this KL budget instead of the sweep")
+    r.add_argument("--minimize", default="size", choices=["size", "tg", "pp", "kv"], help="the served search's objective")
     return p
 
 
@@ -89,7 +113,17 @@ def _grid_parameters(args) -> dict:
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "sweep" and args.distributed and args.jobs > 1:
+    if args.command == "search":
+        from dropquant.errors import DropquantError
+        from dropquant.search.space import Space, check_space
+
+        try:  # refused before Prefect starts a server or DVC runs a stage
+            check_space(Space(args.methods or ["attn"], args.n if args.n is not None else [0], args.quant_types or ["Q8_0"],
+                              args.heal or ["none"]))
+        except DropquantError as err:
+            print(f"dropquant flows search: error: {err}", file=sys.stderr)
+            return 2
+    if args.command in ("sweep", "search") and args.distributed and args.jobs > 1:
         parser.error("--jobs is for a sweep on this machine; a distributed sweep runs one variant per worker "
                      "(start more workers, or `python -m flows worker --limit N`)")
     # Offline by default outside `make` too (before Prefect is imported): its temporary server would send telemetry.
@@ -102,8 +136,11 @@ def main(argv=None) -> int:
         from flows.serve import serve_sweep
 
         try:
-            serve_sweep(args.repo, cron=args.cron, interval=args.interval, port=args.port,
-                        parameters=_grid_parameters(args))
+            search = args.max_kld is not None
+            parameters = {**_grid_parameters(args),
+                          **({"max_kld": args.max_kld, "minimize": args.minimize} if search else {})}
+            serve_sweep(args.repo, cron=args.cron, interval=args.interval, port=args.port, parameters=parameters,
+                        search=search)
         except KeyboardInterrupt:
             pass
         return 0
@@ -116,17 +153,29 @@ def main(argv=None) -> int:
             from flows.worker import start_worker
 
             start_worker(args.repo, args.pool, args.name, args.limit, args.git_remote, args.dvc_remote)
+        if args.command in ("sweep", "search") and args.distributed and not os.environ.get("PREFECT_API_URL"):
+            from flows.serve import start_server
+
+            url, server = start_server("127.0.0.1", args.port)
+            os.environ["PREFECT_API_URL"] = url  # before Prefect is first imported
+        if args.command == "search":
+            from flows.search import search_flow
+
+            distributed = ({"pool": args.pool, "git_remote": args.git_remote, "dvc_remote": args.dvc_remote}
+                           if args.distributed else None)
+            result = search_flow(repo=args.repo, max_kld=args.max_kld, minimize=args.minimize,
+                                 max_acc_drop=args.max_acc_drop, slack=args.slack, estimate_tokens=args.estimate_tokens,
+                                 out=args.out, title=args.title, jobs=args.jobs, run_pick=not args.no_run,
+                                 distributed=distributed, **_grid_parameters(args))
+            print(f"report: {result['report']['report.md']}")
+            print(result["experiment"] or result["pick"]["name"])
+            return 0
         if args.command == "variant":
             from flows.variant import variant_flow
 
             result = variant_flow(repo=args.repo, overrides=args.overrides, stages=args.stages,
                                   experiment=args.name, retries=args.retries)
         elif args.distributed:
-            if not os.environ.get("PREFECT_API_URL"):
-                from flows.serve import start_server
-
-                url, server = start_server("127.0.0.1", args.port)
-                os.environ["PREFECT_API_URL"] = url  # before Prefect is first imported
             from flows.distributed import distributed_sweep_flow
 
             result = distributed_sweep_flow(repo=args.repo, out=args.out, title=args.title, pool=args.pool,

@@ -92,8 +92,9 @@ def stop(proc: Optional[subprocess.Popen], timeout: float = 20.0) -> None:
 
 def serve_sweep(repo: str = ".", cron: Optional[str] = None, interval: Optional[float] = None,
                 host: str = "127.0.0.1", port: int = 4200, parameters: Optional[dict] = None,
-                name: str = DEPLOYMENT) -> None:
-    """Serve the sweep flow on a schedule until interrupted (Ctrl-C); stops the server if it started it."""
+                name: Optional[str] = None, search: bool = False) -> None:
+    """Serve the sweep flow (or, with `search`, the search flow) on a schedule until interrupted (Ctrl-C); stops
+    the server if it started it."""
     from flows._dvc import find_repo
 
     root = find_repo(repo)
@@ -106,20 +107,23 @@ def serve_sweep(repo: str = ".", cron: Optional[str] = None, interval: Optional[
         from prefect.deployments.runner import EntrypointType
 
         from flows.plan import sweep_defaults
+        from flows.search import search_flow
         from flows.sweep import sweep_flow
+
+        served = search_flow if search else sweep_flow
+        name = name or ("scheduled-search" if search else DEPLOYMENT)
 
         if interval is None and cron is None:
             cron = sweep_defaults(root)["cron"]
         schedule = {"interval": interval} if interval is not None else {"cron": cron}
-        deployment = sweep_flow.to_deployment(
+        deployment = served.to_deployment(
             name=name, **schedule, parameters={"repo": str(root), **(parameters or {})},
             # One sweep at a time: a run that outlasts the period makes the next one wait, not collide.
             concurrency_limit=1,
             # Importable from anywhere: the package is installed, the flow file's path need not be under cwd.
             entrypoint_type=EntrypointType.MODULE_PATH,
-            description=f"dropquant sweep of {root}")
-        log.info("serving deployment 'dropquant-sweep/%s' (%s) for %s; runs in the UI at %s/deployments",
-                 name, f"every {interval} s" if interval is not None else f"cron '{cron}'", root, url[: -len("/api")])
+            description=f"dropquant {'search' if search else 'sweep'} of {root}")
+        log.info("serving deployment '%s/%s' (%s) for %s; runs in the UI at %s/deployments", served.name, name, f"every {interval} s" if interval is not None else f"cron '{cron}'", root, url[: -len("/api")])
         serve(deployment, limit=1)
     finally:
         stop(proc)

@@ -30,6 +30,7 @@ VARIANT_GGUF = "data/gguf/model.gguf"
 BASE_GGUF = "data/baseline/gguf/model.gguf"
 PLAN = "data/drop/plan.json"
 BASE_EVAL = "data/baseline/eval"
+REFERENCE_GGUF = "data/reference/gguf/model.gguf"
 OUT = "data/eval"
 
 
@@ -103,6 +104,28 @@ def check_inputs(params, args) -> dict:
     return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"], "heal": heal}
 
 
+def source_fidelity(params, args, variant: Path, data_dir) -> dict | None:
+    """eval.source_kld: fidelity against the unpruned model in its source precision (data/reference/gguf), the
+    same scale for every quant type (the one `python -m flows search` budgets on)."""
+    e = params.eval
+    if not e.source_kld or not e.fidelity_tokens:
+        return None
+    ref_dir = Path(args.reference_gguf).parent
+    hint = "run the reference stage: python -m stages.quantize --reference (dvc repro does)"
+    manifest = read_json(ref_dir / "manifest.json", "reference GGUF manifest", hint)
+    if not manifest.get("requested", True):
+        raise DropquantError(f"{ref_dir} holds no reference GGUF (written with eval.source_kld: false); {hint}")
+    variant_model = (read_gguf_manifest(variant.parent, "run the quantize stage").get("model") or {}).get("fingerprint")
+    check_same(f"{ref_dir}/manifest.json", "model fingerprint", (manifest.get("model") or {}).get("fingerprint"),
+               variant_model, f"the reference GGUF is another model's; {hint}")
+    text, origin = heldout_text(data_dir)
+    logits: list = []
+    ref = build_reference(args.reference_gguf, text, e.fidelity_tokens, e.threads, source=origin, keep_logits=logits)
+    out = compare(variant, ref, e.threads, cached_base=logits)
+    out["reference_type"] = manifest.get("type")
+    return out
+
+
 def run_variant(params, args) -> None:
     e = params.eval
     inputs = check_inputs(params, args)
@@ -115,6 +138,7 @@ def run_variant(params, args) -> None:
     accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
     fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads, base_path=base,
                        kld=e.kld) if e.fidelity_tokens else None
+    fidelity_source = source_fidelity(params, args, variant, data_dir)
     chat = base_chat = None
     if e.chat.tasks:
         base_chat = read_json(base_eval / "chat.json", "baseline chat results", BASE_EVAL_HINT)
@@ -125,6 +149,9 @@ def run_variant(params, args) -> None:
     metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
                             accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,
                             variant_bytes=os.path.getsize(variant), chat=chat, heal=inputs["heal"])
+    if fidelity_source is not None:
+        metrics["kld_source"] = fidelity_source["kld"]
+        metrics["kld_source_stderr"] = fidelity_source["kld_stats"]["stderr"]
     # What these numbers measured: `dvc exp show` lists it, and a report refuses metrics of another variant.
     metrics["variant"] = {"plan_id": plan["plan_id"], "gguf_sha256": inputs["gguf_sha256"][:16],
                           "base_gguf_sha256": inputs["base_gguf_sha256"][:16],
@@ -140,7 +167,8 @@ def run_variant(params, args) -> None:
             write_transcripts(tmp, base_chat["mt_bench"], mt["conversations"], mt["teacher_forced"],
                               e.chat.transcripts, label)
     write_json(out / "details.json", {"accuracy": accuracy, "base_accuracy": base_accuracy, "fidelity": fidelity,
-                                      "chat": chat, "speed": speed, "variant": str(variant), "base": str(base)})
+                                      "fidelity_source": fidelity_source, "chat": chat, "speed": speed,
+                                      "variant": str(variant), "base": str(base)})
     write_json(out / "metrics.json", metrics)
     log.info("evaluate %s: avg %s (base %s), ppl %s (base %s), kld %s, top1 %s, speedup pp %s tg %s",
              label, metrics["avg"], metrics["base_avg"], metrics["ppl"], metrics["base_ppl"], metrics["kld"],
@@ -163,6 +191,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--base-gguf", default=BASE_GGUF, help=f"unpruned GGUF, same quant type (default {BASE_GGUF})")
     parser.add_argument("--plan", default=PLAN, help=f"drop plan the variant was cut by (default {PLAN})")
     parser.add_argument("--base-eval", default=BASE_EVAL, help=f"baseline evaluation folder (default {BASE_EVAL})")
+    parser.add_argument("--reference-gguf", default=REFERENCE_GGUF,
+                        help=f"unpruned GGUF in its own precision, for eval.source_kld (default {REFERENCE_GGUF})")
     parser.add_argument("--out", default=OUT, help=f"output folder (default {OUT})")
 
 

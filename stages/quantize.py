@@ -1,5 +1,8 @@
 """Quantize: the pruned (or healed) checkpoint -> a GGUF file that llama.cpp runs, at quantize.type
-(--baseline: the unpruned model). heal.json says which checkpoint: the heal stage's, or the pruned one as it is."""
+(--baseline: the unpruned model). heal.json says which checkpoint: the heal stage's, or the pruned one as it is.
+
+--reference: the unpruned model in its source precision (F32/F16/BF16, not quantized), the one scale
+`eval.source_kld` measures every variant on; with eval.source_kld false only a manifest saying so is written."""
 from __future__ import annotations
 
 import json
@@ -15,6 +18,7 @@ HEALED = Path("data/healed")
 CALIBRATION = Path("data/calibration/tokens.safetensors")
 OUT = Path("data/gguf")
 BASELINE_OUT = Path("data/baseline/gguf")
+REFERENCE_OUT = Path("data/reference/gguf")
 
 
 def run(params, args) -> None:
@@ -31,22 +35,28 @@ def run(params, args) -> None:
     from dropquant.gguf.imatrix import (collect_imatrix_stack, imatrix_means, module_gguf_names, neutral_stats,
                                         write_imatrix)
 
-    qtype = params.quantize.type
-    llama_ftype(qtype)
+    if args.reference and not params.eval.source_kld:
+        with atomic_dir(args.out or REFERENCE_OUT) as tmp:
+            write_json(tmp / "manifest.json", {"requested": False, "reason": "eval.source_kld is false"})
+        log.info("reference: not requested (eval.source_kld: false)")
+        return
+    qtype = "source" if args.reference else params.quantize.type
+    if not args.reference:
+        llama_ftype(qtype)
     if qtype in NEEDS_IMATRIX and not params.quantize.imatrix:
         raise DropquantError(f"quantize.type={qtype} needs an importance matrix: set quantize.imatrix: true")
-    use_imatrix = params.quantize.imatrix and qtype not in UNQUANTIZED
-    if params.quantize.imatrix and not use_imatrix:
+    use_imatrix = params.quantize.imatrix and qtype not in UNQUANTIZED and not args.reference
+    if params.quantize.imatrix and not use_imatrix and not args.reference:
         log.info("quantize.imatrix ignored: %s is not a quantized type", qtype)
     source = resolve_source(params.model.source, params.model.revision)
     config = load_config(source)
     identity = model_identity(config, source)
-    out = args.out or (BASELINE_OUT if args.baseline else OUT)
+    out = args.out or (REFERENCE_OUT if args.reference else BASELINE_OUT if args.baseline else OUT)
     calibration = read_calibration(args.calibration, identity)[0] if use_imatrix else None
     dtype, device = resolve_dtype(params.model.dtype, source), resolve_device(params.model.device)
 
     heal_record = None
-    if args.baseline:
+    if args.baseline or args.reference:
         plan = None
         directory = checkpoint_dir(source)  # None: a GGUF source, loaded (dequantized) whole
         check_gguf_expressible(config, [], [], source.spec)
@@ -64,7 +74,7 @@ def run(params, args) -> None:
     with atomic_dir(out) as tmp:
         # Tokenizer: a GGUF source's own tokenizer keys are carried over verbatim; otherwise the checkpoint's.
         tok = {"tokenizer_gguf": source.gguf_path} if source.gguf_path is not None else {}
-        name = f"{source.spec} {'baseline' if args.baseline else 'dropquant'}"
+        name = f"{source.spec} {'reference' if args.reference else 'baseline' if args.baseline else 'dropquant'}"
         intermediate = tmp / "model.source.gguf"
         model = None
         if directory is not None:
@@ -98,6 +108,8 @@ def run(params, args) -> None:
         del model
 
         final = tmp / "model.gguf"
+        if args.reference:
+            qtype = info.out_type
         if qtype == info.out_type:
             intermediate.rename(final)
         else:
@@ -115,6 +127,7 @@ def run(params, args) -> None:
             "plan_id": None if plan is None else plan["plan_id"],
             "model": identity,
             "baseline": bool(args.baseline),
+            "reference": bool(args.reference),
             "heal": None if heal_record is None else {k: heal_record.get(k) for k in ("method", "heal_id")},
             "imatrix": imatrix_record,
             "layout": info.summary(),
@@ -127,6 +140,8 @@ def main(argv=None) -> int:
     def add(p):
         p.add_argument("--baseline", action="store_true",
                        help=f"export the unpruned model.source instead (default output {BASELINE_OUT})")
+        p.add_argument("--reference", action="store_true",
+                       help=f"the unpruned model in its own precision, for eval.source_kld (default output {REFERENCE_OUT})")
         p.add_argument("--pruned", type=Path, default=PRUNED, help=f"pruned checkpoint (default {PRUNED})")
         p.add_argument("--plan", type=Path, default=PLAN, help=f"drop plan (default {PLAN})")
         p.add_argument("--healed", type=Path, default=HEALED, help=f"the heal stage's output (default {HEALED})")

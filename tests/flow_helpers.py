@@ -63,7 +63,7 @@ def build_tiny_repo(repo: Path, model: Path, params_update: Optional[dict] = Non
     for section, values in (params_update or {}).items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("reports/\n__pycache__/\n" + gitignore)
+    (repo / ".gitignore").write_text("reports/\n__pycache__/\n.dropquant/\n" + gitignore)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc(repo, "init", "-q")
     subprocess.run(["git", *GIT_ID, "add", "-A"], cwd=repo, check=True)

@@ -125,6 +125,48 @@ def test_sweep_makes_experiments_and_a_report(tiny_repo, prefect_harness, tmp_pa
     assert {s["stage"]: s["status"] for s in mlp["stages"]}["drop"] == "ran"
 
 
+def test_search_runs_its_pick_as_an_experiment_and_reports_every_candidate(tiny_repo, prefect_harness, tmp_path):
+    """The search over a small space: its pick, measured in-process on the reference scale, runs through the whole
+    pipeline as a DVC experiment whose kld_source agrees; the report lists every candidate; a rerun measures
+    nothing again."""
+    from flows.search import search_flow
+
+    out = tmp_path / "search"
+    space = {"methods": ["attn", "mlp"], "n": [0, 1], "quant_types": ["Q8_0"]}
+    result = search_flow(repo=str(tiny_repo), max_kld=50.0, out=str(out), **space)
+    name = result["experiment"]
+    assert name == result["pick"]["name"] and name in ("attn-1-Q8_0", "mlp-1-Q8_0")
+    shown = json.loads(_dvc(tiny_repo, "exp", "show", "--json").stdout)
+    exps = {r["name"]: r for b in shown for g in (b.get("experiments") or []) for r in g["revs"]}
+    metrics = exps[name]["data"]["metrics"]["data/eval/metrics.json"]["data"]
+    assert metrics["kld_source"] == pytest.approx(result["measured"]["kld"], rel=1e-3, abs=1e-5)
+    assert exps[name]["data"]["params"]["params.yaml"]["data"]["eval"]["source_kld"] is True
+
+    listed = json.loads((out / "candidates.json").read_text())
+    assert listed["experiment"] == name and listed["max_kld"] == 50.0
+    by_name = {c["name"]: c for c in listed["candidates"]}
+    assert set(by_name) == {"none-Q8_0", "attn-1-Q8_0", "mlp-1-Q8_0"}
+    assert by_name[name]["status"] == "picked" and by_name[name]["kld_measured"] and by_name[name]["size_measured"]
+    assert all(isinstance(c["kld_measured"], bool) for c in listed["candidates"])
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<script" not in page
+    assert name in (out / "report.md").read_text()
+    assert not _tmp_leftovers(tiny_repo)
+
+    again = search_flow(repo=str(tiny_repo), max_kld=50.0, out=str(tmp_path / "again"), run_pick=False, **space)
+    counts = json.loads((tmp_path / "again" / "candidates.json").read_text())["counts"]
+    assert counts["measured"] == 0 and counts["reused"] > 0 and again["pick"]["name"] == name
+
+
+def test_search_refuses_bad_axes_before_any_work(tiny_repo):
+    out = subprocess.run([sys.executable, "-m", "flows", "search", "--repo", str(tiny_repo), "--max-kld", "0.5",
+                          "-m", "attn", "heads", "-q", "Q8_0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "unknown drop method(s) ['heads']" in out.stderr
+    assert "Beginning flow run" not in out.stdout + out.stderr  # refused before Prefect or DVC did anything
+
+
 def test_a_finished_variant_reproduces_bit_for_bit(tiny_repo):
     _dvc(tiny_repo, "exp", "apply", "attn-1-Q8_0")
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]

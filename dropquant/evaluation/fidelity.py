@@ -162,13 +162,18 @@ class Reference:
 
 
 def build_reference(base_path: str | Path, text: str, n_tokens: int, threads: int = 2, *, source: str = "",
-                    top_k: int = TOP_K, n_ctx: int = FIDELITY_CTX) -> Reference:
+                    top_k: int = TOP_K, n_ctx: int = FIDELITY_CTX, keep_logits: Optional[list] = None) -> Reference:
+    """The compact reference of the base GGUF on the text's first n_tokens. `keep_logits`: a list that receives the
+    raw logits of every chunk's scored positions, for `compare(cached_base=...)` to compare many variants with one
+    base run (vocab x positions floats: ~400 MB for 4096 tokens of a 49152-token vocabulary)."""
     llama = open_llama(base_path, n_ctx, threads)
     tokens, bos = tokenize(llama, text)
     cs = chunks(tokens, n_tokens, bos, n_ctx)
     nll, ids, logps, top1 = [], [], [], []
     for c in tqdm(cs, desc="fidelity: base"):
         logits = _chunk_logits(llama, c)
+        if keep_logits is not None:
+            keep_logits.append(logits)
         _, _, target = _scored(c)
         top1.append(logits.argmax(axis=-1))
         for sl in _blocks(len(target)):
@@ -241,31 +246,35 @@ def summarize(*, nll: np.ndarray, base_nll: np.ndarray, agree: np.ndarray, kl: O
 
 
 def compare(variant_path: str | Path, ref: Reference, threads: int = 2, *, base_path: str | Path | None = None,
-            kld: str = "full") -> dict:
+            kld: str = "full", cached_base: Optional[list[np.ndarray]] = None) -> dict:
     """Perplexity of the variant, KL divergence from the base and top-1 agreement, on the reference's tokens.
 
     kld="full": the base GGUF (`base_path`, the file the reference was made from) and the variant are evaluated
     chunk by chunk in one pass and the KL is taken over the whole vocabulary (llama-perplexity --kl-divergence).
-    kld="top64-bound": the base is not run; only the reference's top-64 bound is computed (`kld` is null)."""
+    kld="top64-bound": the base is not run; only the reference's top-64 bound is computed (`kld` is null).
+    cached_base: the base's logits kept by `build_reference`, used instead of running base_path again."""
     if kld not in KLD_MODES:
         raise DropquantError(f"eval.kld={kld!r}: expected one of {', '.join(KLD_MODES)}")
-    if kld == "full" and base_path is None:
+    if kld == "full" and base_path is None and cached_base is None:
         raise DropquantError("the full KL divergence needs the base GGUF (base_path)")
     n_ctx = ref.chunks.shape[1]
     llama = open_llama(variant_path, n_ctx, threads)
-    base = open_llama(base_path, n_ctx, threads) if kld == "full" else None
+    full = kld == "full"
+    base = open_llama(base_path, n_ctx, threads) if full and cached_base is None else None
     n_vocab = llama.n_vocab()
-    if n_vocab <= int(ref.top_ids.max()) or (base is not None and base.n_vocab() != n_vocab):
+    base_vocab = base.n_vocab() if base is not None else (cached_base[0].shape[-1] if full else n_vocab)
+    if n_vocab <= int(ref.top_ids.max()) or base_vocab != n_vocab:
         raise DropquantError(f"{variant_path}: vocabulary of {n_vocab} tokens does not match the base model's")
     nll, base_nll, kl, kl_bound, agree = [], [], [], [], []
     pos = 0
-    for c in tqdm(ref.chunks.tolist(), desc="fidelity: base + variant" if base is not None else "fidelity: variant"):
+    for k, c in enumerate(tqdm(ref.chunks.tolist(), desc="fidelity: base + variant" if base is not None
+                               else "fidelity: variant")):
         _, _, target = _scored(c)
         v_logits = _chunk_logits(llama, c)
-        b_logits = _chunk_logits(base, c) if base is not None else None
+        b_logits = None if not full else cached_base[k] if cached_base is not None else _chunk_logits(base, c)
         ref_sl = slice(pos, pos + len(target))
         pos += len(target)
-        top1_b = b_logits.argmax(axis=-1) if base is not None else ref.top1[ref_sl]
+        top1_b = b_logits.argmax(axis=-1) if full else ref.top1[ref_sl]
         agree.append(v_logits.argmax(axis=-1) == top1_b)
         for sl in _blocks(len(target)):
             rows = np.arange(sl.stop - sl.start)
@@ -273,12 +282,12 @@ def compare(variant_path: str | Path, ref: Reference, threads: int = 2, *, base_
             nll.append(-lv[rows, target[sl]])
             r = slice(ref_sl.start + sl.start, ref_sl.start + sl.stop)
             kl_bound.append(bucketed_kl(ref.top_logp[r], ref.top_ids[r], lv))
-            if base is not None:
+            if full:
                 lb = _log_softmax(b_logits[sl])
                 base_nll.append(-lb[rows, target[sl]])
                 kl.append(full_kl(lb, lv))
     nll = np.concatenate(nll)
-    if base is not None:
+    if full:
         base_nll = np.concatenate(base_nll)
         drift = float(np.abs(base_nll - ref.nll).max())
         if drift > 1e-2:

@@ -59,8 +59,8 @@ def _walk_kv(buf, decode: bool):
         yield key.decode("utf-8"), value, vtype, subtype, pos
 
 
-def file_extent(path: Path) -> int:
-    """Bytes a GGUF file needs, from its header and tensor table only (no tensor data is read)."""
+def _tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], int]:
+    """(name, data offset, bytes) of every tensor, and where the data section starts."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -69,16 +69,27 @@ def file_extent(path: Path) -> int:
         for key, value, _, _, pos in _walk_kv(buf, decode=False):
             if key == "general.alignment":
                 alignment = value
-        end = 0
+        table = []
         for _ in range(n_tensors):
-            _, pos = _string(buf, pos)
+            name, pos = _string(buf, pos)
             (n_dims,) = struct.unpack_from("<I", buf, pos)
             dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
             ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
             block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            end = max(end, offset + prod(dims) // block * block_bytes)
-    return -(-pos // alignment) * alignment + end
+            table.append((name.decode("utf-8"), offset, prod(dims) // block * block_bytes))
+    return table, -(-pos // alignment) * alignment
+
+
+def file_extent(path: Path) -> int:
+    """Bytes a GGUF file needs, from its header and tensor table only (no tensor data is read)."""
+    table, data_start = _tensor_table(Path(path))
+    return data_start + max((offset + n for _, offset, n in table), default=0)
+
+
+def tensor_bytes(path: str | Path) -> dict[str, int]:
+    """Tensor name -> bytes of its data, from the tensor table (no tensor data is read)."""
+    return {name: n for name, _, n in _tensor_table(Path(path))[0]}
 
 
 def read_metadata(path: str | Path, prefix: str = "") -> dict[str, tuple]:
