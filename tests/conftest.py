@@ -21,7 +21,7 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 # The files that run whole pipelines in subprocesses (minutes each), started first: with `-n 2` (pytest-xdist,
 # whole files per worker) they overlap each other and the short files fill in after them instead of one long
 # file running alone at the end. Test order inside a file never changes (the flow tests build on each other).
-SLOWEST_FIRST = ("test_queue.py", "test_distributed.py", "test_flows.py")
+SLOWEST_FIRST = ("test_queue.py", "test_distributed.py", "test_flows.py", "test_search.py")
 
 
 def pytest_collection_modifyitems(items):

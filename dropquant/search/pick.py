@@ -205,6 +205,11 @@ def search(bench, space: Space, max_kld: float, objective: str = "size", *, slac
                 else:
                     e.bound = "> budget (every n is over it)" if t <= 0 else None
         entries.append(e)
+
+    for e in entries:  # measured by an earlier search: its measurement counts, not the estimate
+        e.measured = bench.cached(e.candidate)
+        if e.measured is not None:
+            e.cost = costs.cost(e.candidate, e.measured["size_bytes"])
     entries.sort(key=lambda e: (e.cost, e.candidate))
 
     def within(e: Entry) -> bool:
@@ -218,7 +223,7 @@ def search(bench, space: Space, max_kld: float, objective: str = "size", *, slac
         if pick is not None and e.cost[0] > pick.cost[0] * (1 + tie):
             break
         if not within(e):
-            e.status = "estimated over budget"
+            e.status = "measured over budget" if e.measured else "estimated over budget"
             continue
         e.measured = bench.measure(e.candidate)
         e.cost = costs.cost(e.candidate, e.measured["size_bytes"])
@@ -234,14 +239,10 @@ def search(bench, space: Space, max_kld: float, objective: str = "size", *, slac
                          e.candidate.name, e.measured["kld"], max_kld,
                          f"{e.kl_estimate:.4f}" if e.kl_estimate is not None else e.bound)
     for e in entries:
-        if e.measured is None and e.status.startswith("not examined") and not within(e):
-            e.status = "estimated over budget"
-        elif e.measured is None:
-            e.measured = bench.cached(e.candidate)  # measured by an earlier search: shown, not re-measured
-            if e.measured is not None:
-                e.cost = costs.cost(e.candidate, e.measured["size_bytes"])
-            if e.measured is not None and e.status.startswith("not examined"):
-                e.status = "measured earlier"
+        if e.status.startswith("not examined") and not within(e):
+            e.status = "measured over budget" if e.measured else "estimated over budget"
+        elif e.status.startswith("not examined") and e.measured is not None:
+            e.status = "measured earlier"
     if pick is not None:
         pick.status = "picked"
     result = SearchResult(max_kld, objective, space, entries, pick, stepped_back, notes, dict(bench.counts),

@@ -42,6 +42,9 @@ class Workbench:
         from dropquant.evaluation.tasks import resolve_data_dir
         from dropquant.model.loading import load_config, model_identity, resolve_dtype, resolve_source
 
+        if params.drop.layers is not None:
+            raise DropquantError("search: drop.layers is set in params.yaml, which fixes the plan; the search chooses "
+                                 "the layers from drop.method and drop.n: set drop.layers: null")
         self.params, self.scores, self.calibration = params, scores, calibration
         self.threads, self.progress, self.estimate_tokens = threads, progress, estimate_tokens
         self.source = resolve_source(params.model.source, params.model.revision)
@@ -272,9 +275,9 @@ class Workbench:
                      plan=self.plan_record(method, n), pruned_dir=self._pruned_checkpoint(method, n), out_dir=out,
                      tokens=tokens, calibration_sha256=sha, open_base=self.stack, dtype=self.dtype, device="cpu",
                      progress=self.progress)
-            if not (out / "model").is_dir():
-                raise DropquantError(f"search: heal.method={heal} wrote no checkpoint for {method}-{n} "
-                                     "(nothing it can heal in this drop)")
+        if not (out / "model").is_dir():  # nothing this heal method can heal in this drop (as the heal stage)
+            log.info("search: heal.method=%s has nothing to heal in %s-%d: the pruned model as it is", heal, method, n)
+            return self._pruned_checkpoint(method, n)
         return out / "model"
 
     def _export(self, drop: Optional[tuple[str, int, str]], out: Path) -> None:
