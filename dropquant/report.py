@@ -187,20 +187,17 @@ def failures_markdown(failures: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def html_page(title: str, rows: list[dict], png: bytes, failures: list[dict], notes: list[str]) -> str:
-    head, body = table_rows(rows)
+def html_table(head: list[str], rows: list[list[str]]) -> str:
     esc = html.escape
-    table = ("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>" +
-             "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body) +
-             "</tbody></table>")
-    fails = "".join(
-        f"<li><b>{esc(f['name'])}</b> <code>{esc(' '.join(f.get('params') or []))}</code>"
-        f"{(' stage <code>' + esc(f['stage']) + '</code>') if f.get('stage') else ''}"
-        f"<pre>{esc(str(f.get('error', '')))}</pre></li>" for f in failures)
-    img = base64.b64encode(png).decode()
-    note_html = "".join(f"<p>{esc(n)}</p>" for n in notes)
+    return ("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>" +
+            "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in rows) +
+            "</tbody></table>")
+
+
+def html_document(title: str, body: str) -> str:
+    """A self-contained page: inline style, no script, no external resource (renders offline)."""
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 14px; }}
@@ -209,14 +206,26 @@ th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: lef
 pre {{ background: #f8f8f8; padding: 6px; white-space: pre-wrap; }}
 img {{ max-width: 100%; }}
 </style></head><body>
-<h1>{esc(title)}</h1>
-{note_html}
-{table}
-<h2>Pareto plot</h2>
-<img alt="average accuracy against speed-up and file size" src="data:image/png;base64,{img}">
-{('<h2>Failed variants</h2><ul>' + fails + '</ul>') if failures else ''}
+<h1>{html.escape(title)}</h1>
+{body}
 </body></html>
 """
+
+
+def png_img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def html_page(title: str, rows: list[dict], png: bytes, failures: list[dict], notes: list[str]) -> str:
+    esc = html.escape
+    fails = "".join(
+        f"<li><b>{esc(f['name'])}</b> <code>{esc(' '.join(f.get('params') or []))}</code>"
+        f"{(' stage <code>' + esc(f['stage']) + '</code>') if f.get('stage') else ''}"
+        f"<pre>{esc(str(f.get('error', '')))}</pre></li>" for f in failures)
+    body = ("".join(f"<p>{esc(n)}</p>" for n in notes) + "\n" + html_table(*table_rows(rows)) +
+            "\n<h2>Pareto plot</h2>\n" + png_img(png, "average accuracy against speed-up and file size") + "\n" +
+            (f"<h2>Failed variants</h2><ul>{fails}</ul>" if failures else ""))
+    return html_document(title, body)
 
 
 def write_report(out_dir: str | Path, rows: list[dict], failures: list[dict] = (), title: str = "dropquant sweep",

@@ -55,6 +55,9 @@ EXPENSIVE = {
     "python -m flows sweep --jobs 2 -m attn mlp -n 4 8 -S eval.speed=false": "a queued sweep",
     "python -m flows sweep --distributed -m attn mlp -n 4 8 -q Q8_0 Q4_K_M": "a distributed sweep",
     "make serve": "a Prefect server until Ctrl-C",
+    "python -m flows search --max-kld 0.6 --minimize size": "a search and its pick's pipeline run (12 min here)",
+    "python -m flows search --max-kld 0.3 --minimize tg -m attn block -q Q8_0 Q6_K Q4_K_M --heal none linear":
+        "a search with healing",
     'make sweep ARGS="-m attn mlp block joint -n 8 -q Q8_0"': "a sweep",
     ".venv/bin/pytest tests/test_scoring.py": "a test file",
     "OMP_NUM_THREADS=1 dvc repro": "the pipeline",

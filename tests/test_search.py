@@ -14,7 +14,7 @@ from dropquant.search.pick import NoCandidate, search
 from dropquant.search.space import Candidate, Space, check_space
 from flow_helpers import make_tiny_model
 
-SPACE = Space(["attn", "mlp", "block"], [0, 1, 2, 3], ["Q8_0", "Q4_0"])
+SPACE = Space(["attn", "block"], [0, 1, 2], ["Q8_0", "Q4_0"])
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,24 @@ def test_candidate_names_are_the_sweeps():
     for c in (Candidate("attn", 4, "Q8_0"), Candidate("joint", 0, "Q4_K_M"), Candidate("block", 2, "Q6_K", "linear")):
         method, n = c.drop
         assert c.name == variant_name(method, n, c.quant_type, c.heal)
+
+
+def test_heal_is_one_more_axis(tiny_params, tmp_path):
+    """A healed candidate is estimated by running the heal (a linear stand-in here) and measured from the healed
+    checkpoint; healing the same drop changes its KL."""
+    from dropquant.search.workbench import Workbench
+
+    tokens = torch.randint(0, 49152, (8, 32))
+    bench = Workbench(tiny_params, None, "none", tmp_path / "heal", calibration=(tokens, "random-tokens"),
+                      estimate_tokens=512, threads=1, progress=False)
+    try:
+        space = Space(["attn"], [0, 2], ["Q8_0"], ["none", "linear"])
+        result = search(bench, space, 1e3)  # everything within budget: the smallest file wins
+        entries = {e.candidate: e for e in result.entries}
+        plain, healed = entries[Candidate("attn", 2, "Q8_0")], entries[Candidate("attn", 2, "Q8_0", "linear")]
+        assert plain.drop_est is not None and healed.drop_est is not None
+        assert healed.drop_est != pytest.approx(plain.drop_est)
+        measured = bench.measure(healed.candidate)
+        assert measured["heal"] == "linear" and measured["size_bytes"] > bench.measure(plain.candidate)["size_bytes"]
+    finally:
+        bench.close()

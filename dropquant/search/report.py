@@ -3,7 +3,6 @@ frontier.png (KL against size and against estimated generation speed-up, the bud
 self-contained report.html (the plot embedded, no external resource)."""
 from __future__ import annotations
 
-import base64
 import html
 import io
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Optional
 
 from dropquant.atomic import atomic_dir, write_json, write_text
 from dropquant.plots import PNG_METADATA, pyplot
+from dropquant.report import html_document, html_table, png_img
 
 COLORS = {"none": "black", "attn": "tab:blue", "mlp": "tab:orange", "block": "tab:green", "joint": "tab:purple"}
 MARKERS = {"Q8_0": "o", "Q6_K": "s", "Q4_K_M": "^"}
@@ -80,24 +80,9 @@ def write_search_report(out_dir: str | Path, summary: dict, candidates: list[dic
     md = [f"# {title}", "", *(f"{n}\n" for n in notes),
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows),
           "", "![KL against size and estimated speed-up](frontier.png)", ""]
-    esc = html.escape
-    table = ("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>" +
-             "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 14px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
-img {{ max-width: 100%; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
-{''.join(f"<p>{esc(n)}</p>" for n in notes)}
-<img alt="KL divergence against size and estimated speed-up" src="data:image/png;base64,{base64.b64encode(png).decode()}">
-{table}
-</body></html>
-"""
+    body = ("".join(f"<p>{html.escape(n)}</p>" for n in notes) + "\n" +
+            png_img(png, "KL divergence against size and estimated speed-up") + "\n" + html_table(head, rows))
+    page = html_document(title, body)
     with atomic_dir(out_dir) as tmp:
         (tmp / "frontier.png").write_bytes(png)
         write_text(tmp / "report.md", "\n".join(md))
