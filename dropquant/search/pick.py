@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from dropquant.errors import DropquantError
+from dropquant.gguf.header import tensor_bytes
 from dropquant.search.space import Candidate, Space, check_objective, check_space
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,9 @@ class SearchResult:
 class _Costs:
     """Objective costs (lower is better) from the unpruned model's tensor sizes at each quant type."""
 
-    def __init__(self, bench, base: dict[str, dict], objective: str):
-        self.bench, self.base, self.objective = bench, base, objective
-        reference = base.get("__reference__")
-        self.elements = reference  # tensor name -> element count, from the reference GGUF
+    def __init__(self, bench, base: dict[str, dict], elements: dict[str, int], objective: str):
+        # base: quant type -> the unpruned model's measured record; elements: tensor name -> element count
+        self.bench, self.base, self.elements, self.objective = bench, base, elements, objective
 
     def _kept(self, sizes: dict[str, int], method: str, n: int) -> dict[str, int]:
         gone = tuple(self.bench.dropped_tensor_prefixes(method, n)) if n else ()
@@ -154,11 +154,9 @@ def search(bench, space: Space, max_kld: float, objective: str = "size", *, slac
 
     base = {q: bench.measure(Candidate("none", 0, q)) for q in space.quant_types}
     quant_kl = {q: base[q]["kld"] for q in space.quant_types}
-    from dropquant.gguf.header import tensor_bytes
-
     ref_bytes = tensor_bytes(bench.reference())
     width = {"F32": 4, "F16": 2, "BF16": 2}[bench.source_type()]
-    costs = _Costs(bench, {**base, "__reference__": {k: v // width for k, v in ref_bytes.items()}}, objective)
+    costs = _Costs(bench, base, {k: v // width for k, v in ref_bytes.items()}, objective)
     by_size = sorted(space.quant_types, key=lambda q: base[q]["size_bytes"])
     for small, big in zip(by_size, by_size[1:]):
         if quant_kl[big] > quant_kl[small]:
