@@ -137,6 +137,17 @@ def test_bad_axes_are_refused(space, message):
         check_space(space)
 
 
+@pytest.mark.parametrize("section, values, message", [
+    ("quantize", {"imatrix": True}, "quantize.imatrix is true"),
+    ("drop", {"layers": {"attn": [1], "mlp": [], "blocks": []}}, "drop.layers is set"),
+])
+def test_parameters_the_search_cannot_honour_are_refused(tiny_params, tmp_path, section, values, message):
+    params = tiny_params.model_copy(deep=True)
+    setattr(params, section, getattr(params, section).model_copy(update=values))
+    with pytest.raises(DropquantError, match=message):
+        _bench(params, tmp_path / "refused")
+
+
 def test_an_impossible_n_is_refused_before_any_measurement(tiny_params, tmp_path):
     bench = _bench(tiny_params, tmp_path / "n")
     try:

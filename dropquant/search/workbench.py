@@ -45,6 +45,10 @@ class Workbench:
         if params.drop.layers is not None:
             raise DropquantError("search: drop.layers is set in params.yaml, which fixes the plan; the search chooses "
                                  "the layers from drop.method and drop.n: set drop.layers: null")
+        if params.quantize.imatrix:
+            raise DropquantError("search: quantize.imatrix is true, but the search measures candidates without an "
+                                 "importance matrix, so its figures would not be the pick's: set quantize.imatrix: "
+                                 "false (-S quantize.imatrix=false)")
         self.params, self.scores, self.calibration = params, scores, calibration
         self.threads, self.progress, self.estimate_tokens = threads, progress, estimate_tokens
         self.source = resolve_source(params.model.source, params.model.revision)
