@@ -115,11 +115,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "search":
         from dropquant.errors import DropquantError
-        from dropquant.search.space import Space, check_space
+        from dropquant.search.space import space_from
 
         try:  # refused before Prefect starts a server or DVC runs a stage
-            check_space(Space(args.methods or ["attn"], args.n if args.n is not None else [0], args.quant_types or ["Q8_0"],
-                              args.heal or ["none"]))
+            space_from(args.methods, args.n, args.quant_types, args.heal)
         except DropquantError as err:
             print(f"dropquant flows search: error: {err}", file=sys.stderr)
             return 2

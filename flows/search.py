@@ -71,8 +71,6 @@ def run_search(repo: str, overrides: list[str], max_kld: float, objective: str, 
 
 def _run_pick(root: Path, candidate, overrides: list[str], jobs: int, distributed: dict, out: Path) -> dict:
     """The candidate through the sweep's own back-ends (a grid of one); its row of `dvc exp show`."""
-    from flows.plan import SweepPlan
-
     name = candidate.name
     c = candidate.to_json()
     grid = {"methods": [c["method"]], "n": [c["n"]], "quant_types": [c["quant_type"]], "heal": [c["heal"]],
@@ -86,7 +84,7 @@ def _run_pick(root: Path, candidate, overrides: list[str], jobs: int, distribute
         from flows.plan import plan_sweep
         from flows.queue import queue_sweep
 
-        plan: SweepPlan = plan_sweep(root, grid["methods"], grid["n"], grid["quant_types"], grid["heal"],
+        plan = plan_sweep(root, grid["methods"], grid["n"], grid["quant_types"], grid["heal"],
                                      grid["overrides"])
         result = queue_sweep(root, plan, jobs, str(out), f"search pick {name}", get_run_logger())
     else:
@@ -110,16 +108,13 @@ def search_flow(repo: str = ".", max_kld: float = 0.6, minimize: str = "size", m
     from dropquant.errors import DropquantError
     from dropquant.search.pick import NoCandidate
     from dropquant.search.report import write_search_report
-    from dropquant.search.space import Space, check_objective, check_space
+    from dropquant.search.space import check_objective, space_from
 
     log = get_run_logger()
     root = find_repo(repo)
     overrides = list(overrides or [])
-    space = {"methods": list(methods or ["attn", "mlp", "block", "joint"]),
-             "n": list(n if n is not None else range(0, 17, 2)),
-             "quant_types": list(quant_types or ["Q8_0", "Q6_K", "Q4_K_M"]), "heal": list(heal or ["none"])}
     try:  # everything that can be refused is refused before any work
-        check_space(Space(space["methods"], space["n"], space["quant_types"], space["heal"]))
+        space = space_from(methods, n, quant_types, heal).to_json()
         check_objective(minimize)
     except DropquantError as err:
         raise DvcFailed(str(err), user_error=True) from None

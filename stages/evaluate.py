@@ -101,23 +101,29 @@ def check_inputs(params, args) -> dict:
                "rerun python -m stages.evaluate --baseline (dvc repro does)")
     heal = (variant.get("heal") or {}).get("method") or "none"
     check_same(f"{variant_dir}/manifest.json", "heal method", heal, params.heal.method, hint)
-    return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"], "heal": heal}
+    reference = check_reference(params, args, (variant.get("model") or {}).get("fingerprint"))
+    return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"], "heal": heal,
+            "reference": reference}
 
 
-def source_fidelity(params, args, variant: Path, data_dir) -> dict | None:
-    """eval.source_kld: fidelity against the unpruned model in its source precision (data/reference/gguf), the
-    same scale for every quant type (the one `python -m flows search` budgets on)."""
-    e = params.eval
-    if not e.source_kld or not e.fidelity_tokens:
+def check_reference(params, args, variant_model: str | None) -> dict | None:
+    """eval.source_kld: the reference GGUF's manifest, checked against the variant's model before any work."""
+    if not params.eval.source_kld or not params.eval.fidelity_tokens:
         return None
     ref_dir = Path(args.reference_gguf).parent
     hint = "run the reference stage: python -m stages.quantize --reference (dvc repro does)"
     manifest = read_json(ref_dir / "manifest.json", "reference GGUF manifest", hint)
     if not manifest.get("requested", True):
         raise DropquantError(f"{ref_dir} holds no reference GGUF (written with eval.source_kld: false); {hint}")
-    variant_model = (read_gguf_manifest(variant.parent, "run the quantize stage").get("model") or {}).get("fingerprint")
     check_same(f"{ref_dir}/manifest.json", "model fingerprint", (manifest.get("model") or {}).get("fingerprint"),
                variant_model, f"the reference GGUF is another model's; {hint}")
+    return manifest
+
+
+def source_fidelity(params, args, variant: Path, data_dir, manifest: dict) -> dict:
+    """Fidelity against the unpruned model in its source precision (data/reference/gguf), the same scale for
+    every quant type (the one `python -m flows search` budgets on)."""
+    e = params.eval
     text, origin = heldout_text(data_dir)
     logits: list = []
     ref = build_reference(args.reference_gguf, text, e.fidelity_tokens, e.threads, source=origin, keep_logits=logits)
@@ -138,7 +144,8 @@ def run_variant(params, args) -> None:
     accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
     fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads, base_path=base,
                        kld=e.kld) if e.fidelity_tokens else None
-    fidelity_source = source_fidelity(params, args, variant, data_dir)
+    fidelity_source = (source_fidelity(params, args, variant, data_dir, inputs["reference"])
+                       if inputs["reference"] is not None else None)
     chat = base_chat = None
     if e.chat.tasks:
         base_chat = read_json(base_eval / "chat.json", "baseline chat results", BASE_EVAL_HINT)

@@ -65,6 +65,19 @@ class Space:
         return {"methods": self.methods, "n": self.ns, "quant_types": self.quant_types, "heal": self.heals}
 
 
+DEFAULT_SPACE = {"methods": list(METHODS), "n": list(range(0, 17, 2)), "quant_types": ["Q8_0", "Q6_K", "Q4_K_M"],
+                 "heal": ["none"]}
+
+
+def space_from(methods=None, n=None, quant_types=None, heal=None) -> Space:
+    """The space with DEFAULT_SPACE filling in the axes not given, checked."""
+    given = {"methods": methods, "n": n, "quant_types": quant_types, "heal": heal}
+    axes = {k: list(v if v is not None else DEFAULT_SPACE[k]) for k, v in given.items()}
+    space = Space(axes["methods"], axes["n"], axes["quant_types"], axes["heal"])
+    check_space(space)
+    return space
+
+
 def check_space(space: Space) -> None:
     """Refuse an unknown method, quant type or heal method, naming it, before any work (an n too large for the
     model is refused by the drop selection, when the plans are made)."""
