@@ -97,6 +97,7 @@ class ExportInfo:
     n_standin_params: int = 0  # elements of the all-zero stand-in tensors among them
     tensor_names: dict[str, str] = field(default_factory=dict)  # HF parameter name -> GGUF tensor name
     standin_columns: dict[str, int] = field(default_factory=dict)  # stand-in matrix GGUF name -> input columns
+    permuted: dict[str, int] = field(default_factory=dict)  # GGUF name -> heads, rows in llama.cpp's Q/K order
 
     def summary(self) -> dict:
         return {"arch": self.arch, "block_count": len(self.blocks),
@@ -277,6 +278,7 @@ class _Tensor:
     load: Callable[[], Any]     # -> torch tensor of `shape`, any float dtype, already in llama.cpp's row order
     source: Optional[str]       # checkpoint tensor it comes from; None for a stand-in or a derived tensor
     standin: bool = False       # an all-zero/all-one stand-in (counted apart from the model's own weights)
+    heads: Optional[int] = None  # rows permuted by permute_qk with this many heads
 
     @property
     def matrix(self) -> bool:
@@ -315,7 +317,7 @@ class _FilePlan:
         return gname
 
     def take(self, hf_name: str, block: Optional[int], key: str, shape: tuple[int, ...],
-             transform: Optional[Callable] = None) -> None:
+             heads: Optional[int] = None) -> None:
         """A checkpoint tensor (`key`), written as `hf_name` of GGUF block `block`."""
         if key not in self.src:
             raise DropquantError(f"pruned checkpoint: tensor {key} is missing (does config 'dropquant' match the weights?)")
@@ -323,7 +325,9 @@ class _FilePlan:
         if got != shape:
             raise DropquantError(f"pruned checkpoint: tensor {key} has shape {list(got)}, but the config implies "
                                  f"{list(shape)}")
-        self.tensors.append(_Tensor(self._gguf_name(hf_name, block), shape, _from_source(self.src, key, transform), key))
+        transform = None if heads is None else (lambda t: permute_qk(t, heads))
+        self.tensors.append(_Tensor(self._gguf_name(hf_name, block), shape, _from_source(self.src, key, transform), key,
+                                    heads=heads))
 
     def standin(self, hf_name: str, block: int, shape: tuple[int, ...], value: float) -> None:
         self.tensors.append(_Tensor(self._gguf_name(hf_name, block), shape, _filled(shape, value), None, standin=True))
@@ -355,10 +359,10 @@ def _plan_attention(plan: _FilePlan, lay: _Layout, b: int, blk: Block) -> None:
         heads = {"q_proj": d.n_head, "k_proj": d.n_head_kv}
         for proj in ("q_proj", "k_proj", "v_proj"):
             # The rotation acts on q + bias, so a bias is permuted exactly as its rows are.
-            turn = (lambda t, n=heads[proj]: permute_qk(t, n)) if lay.permute and proj in heads else None
-            plan.take(f"self_attn.{proj}.weight", b, src + f"self_attn.{proj}.weight", (rows[proj], d.n_embd), turn)
+            permuted = heads[proj] if lay.permute and proj in heads else None
+            plan.take(f"self_attn.{proj}.weight", b, src + f"self_attn.{proj}.weight", (rows[proj], d.n_embd), permuted)
             if proj in lay.biased:
-                plan.take(f"self_attn.{proj}.bias", b, src + f"self_attn.{proj}.bias", (rows[proj],), turn)
+                plan.take(f"self_attn.{proj}.bias", b, src + f"self_attn.{proj}.bias", (rows[proj],), permuted)
         if lay.family.qk_norm:
             if lay.permute:  # would need the norm weights permuted too; check_gguf_expressible rules this out
                 raise DropquantError(f"GGUF export: q/k norms cannot be written for the {lay.arch} architecture")
@@ -523,6 +527,8 @@ def _account(info: ExportInfo, plan: _FilePlan) -> None:
     for t in plan.tensors:
         if t.source is not None:
             info.tensor_names[t.source] = t.name
+            if t.heads is not None:
+                info.permuted[t.name] = t.heads
         elif not t.standin:
             continue  # derived (rope_freqs): not a parameter of the model
         n = int(np.prod(t.shape))

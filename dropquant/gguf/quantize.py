@@ -56,8 +56,9 @@ def llama_log_capture() -> Iterator[list[str]]:
 
 
 def quantize_gguf(src: str | Path, dst: str | Path, qtype: str,
-                  imatrix: Optional[Mapping[str, np.ndarray]] = None, nthread: int = 0) -> None:
-    """Quantize the F32/F16 GGUF `src` to `dst` as llama.cpp's llama-quantize would.
+                  imatrix: Optional[Mapping[str, np.ndarray]] = None, nthread: int = 0, pure: bool = False) -> None:
+    """Quantize the F32/F16 GGUF `src` to `dst` as llama.cpp's llama-quantize would (`pure`: every tensor at
+    the type, without the type's per-tensor recipe, as llama-quantize --pure).
 
     `imatrix` maps GGUF tensor names (blk.N.attn_q.weight, ...) to the mean squared input activation
     per column. nthread 0 = all cores.
@@ -70,6 +71,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str,
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = nthread
+    params.pure = pure
     keep = []  # the C side only borrows these buffers
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()

@@ -73,9 +73,15 @@ class InMemoryStack:
     def rotary(self):
         return self.model.model.rotary_emb
 
-    def head(self):
-        """The final norm and LM head as one function of the last layer's output."""
+    def embed_weight(self) -> torch.Tensor:
+        return self.model.model.embed_tokens.weight
+
+    def head(self, weight: Optional[torch.Tensor] = None):
+        """The final norm and LM head as one function of the last layer's output (`weight`: another LM head
+        matrix in place of the model's, e.g. a quantized one)."""
         norm, lm_head = self.model.model.norm, self.model.lm_head
+        if weight is not None:
+            return lambda y: torch.nn.functional.linear(norm(y.to(norm.weight.device)).to(weight.device), weight)
         return lambda y: lm_head(norm(y.to(norm.weight.device)).to(lm_head.weight.device))
 
     @contextlib.contextmanager
@@ -109,12 +115,17 @@ class StreamedStack:
         # Built for real (its inverse frequencies are computed in __init__, which meta tensors cannot hold).
         return type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
 
-    def head(self):
+    def embed_weight(self) -> torch.Tensor:
+        return self.checkpoint.get("model.embed_tokens.weight").to(self.device, self.dtype)
+
+    def head(self, weight: Optional[torch.Tensor] = None):
         norm = type(self.skeleton.model.norm)(int(self.config.hidden_size), eps=self.config.rms_norm_eps)
         norm = norm.to(self.device, self.dtype)
         norm.weight.data = self.checkpoint.get("model.norm.weight").to(self.device, self.dtype)
-        name = "lm_head.weight" if "lm_head.weight" in self.checkpoint else "model.embed_tokens.weight"
-        weight = self.checkpoint.get(name).to(self.device, self.dtype)
+        if weight is None:
+            name = "lm_head.weight" if "lm_head.weight" in self.checkpoint else "model.embed_tokens.weight"
+            weight = self.checkpoint.get(name)
+        weight = weight.to(self.device, self.dtype)
         return lambda y: torch.nn.functional.linear(norm(y), weight)
 
     @contextlib.contextmanager
