@@ -184,6 +184,24 @@ def test_distillation_is_deterministic_for_a_seed():
         assert torch.equal(pa, pb), name
 
 
+def test_distillation_log_quotes_the_best_including_the_current_evaluation(caplog):
+    # It quoted the best before the current evaluation: "step 20: KL 0.1418 (best 0.1684 at step 0)".
+    import re
+
+    with caplog.at_level("INFO", logger="dropquant.heal.distill"):
+        _, result = _distill("norms")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == len(result.heldout) - 1 and any("new best" in line for line in lines)
+    best, best_step = result.heldout[0][1], 0
+    for (step, kl), line in zip(result.heldout[1:], lines):
+        if kl < best:
+            best, best_step = kl, step
+            assert line == f"step {step}: held-out KL {kl:.4f} (new best)"
+        else:
+            assert line == f"step {step}: held-out KL {kl:.4f} (best {best:.4f} at step {best_step})"
+            assert float(re.search(r"best ([0-9.]+)", line).group(1)) <= round(kl, 4)
+
+
 def _needs_bf16():
     from dropquant.heal.distill import bf16_supported
 
