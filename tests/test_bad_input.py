@@ -315,3 +315,47 @@ def test_usage_lists_every_stage(capsys):
     assert main([]) == 2
     assert "stages: calibrate" in capsys.readouterr().err
 
+
+
+# --- 8. issue #28: refused before any work ---------------------------------------------------------------
+
+def _no_weights_loaded(monkeypatch):
+    import dropquant.model.loading as loading
+
+    def fail(*a, **k):
+        raise AssertionError("weights were loaded before the refusal")
+    for name in ("load_model", "build_skeleton"):
+        monkeypatch.setattr(loading, name, fail)
+
+
+@pytest.fixture
+def tiny_qwen3_source(workdir, hf_tokenizer):
+    """A tiny random Qwen3 checkpoint as `python -m dropquant.model.random_model --family qwen3` writes it."""
+    from dropquant.model.random_model import write_random_checkpoint
+
+    return write_random_checkpoint(workdir / "qwen3", family="qwen3", layers=LAYERS, hidden=64, intermediate=128,
+                                   heads=4, kv_heads=2, dtype="float32", tokenizer_source=hf_tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("method", ["attn", "mlp", "joint"])
+def test_qwen3_sublayer_drop_is_refused_by_the_drop_stage(workdir, tiny_qwen3_source, monkeypatch, capsys, method):
+    """Was: drop and heal ran and wrote a checkpoint; only quantize refused ('cannot be written as GGUF')."""
+    _no_weights_loaded(monkeypatch)
+    rc = run_stage("drop", "-S", f"model.source={tiny_qwen3_source}", "-S", f"drop.method={method}",
+                   "-S", "drop.n=1", "-S", "drop.selection=reverse")
+    refused(capsys, rc, "qwen3", f"drop.method={method}", "cannot be written as GGUF", "drop.method none or block",
+            "dropquant.load_pruned", "prune_model", "save_pruned")
+    assert nothing_written(workdir)
+
+
+def test_qwen3_whole_layer_drops_still_run(workdir, tiny_qwen3_source):
+    """Block drops, and a joint drop that takes both halves of a layer (the layer goes whole), have a GGUF form."""
+    for method, layers in (("block", "{blocks: [1]}"), ("joint", "{attn: [2], mlp: [2]}")):
+        assert run_stage("drop", "-S", f"model.source={tiny_qwen3_source}", "-S", f"drop.method={method}",
+                         "-S", f"drop.layers={layers}") == 0
+        plan = json.loads((workdir / "data" / "drop" / "plan.json").read_text())
+        assert plan["kept_layers"] == ([0, 2, 3] if method == "block" else [0, 1, 3])
+    overrides = ["-S", f"model.source={tiny_qwen3_source}", "-S", "drop.method=joint", "-S", "quantize.type=F32"]
+    assert run_stage("heal", *overrides) == 0
+    assert run_stage("quantize", *overrides) == 0
+    assert json.loads((workdir / "data" / "gguf" / "manifest.json").read_text())["arch"] == "qwen3"
