@@ -70,7 +70,7 @@ def run(params, args) -> None:
         check_pruned_matches_plan(pruned_config.get(RECORD_KEY), plan, args.pruned, args.plan)
         check_gguf_expressible(config, *layout_for_plan(DropPlan.from_json(plan))[1:], source.spec,
                                method=plan["method"])
-        heal_record, healed = read_heal(args.healed, plan)
+        heal_record, healed = read_heal(args.healed, plan, params.heal)
         directory = healed or args.pruned
 
     with atomic_dir(out) as tmp:

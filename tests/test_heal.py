@@ -247,3 +247,45 @@ def test_bucket_kl_is_the_full_kl_when_k_is_the_vocabulary():
     assert bucket_kl(s, ids, values).item() == pytest.approx(full.item(), rel=1e-4)
     values, ids = tl.topk(5, dim=-1)
     assert bucket_kl(s, ids, values).item() <= full.item() + 1e-6  # fewer buckets: a lower bound
+
+
+# --- nothing dropped, nothing to heal ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["linear", "distill", "linear+distill"])
+def test_a_plan_that_drops_nothing_is_not_healed(method, tmp_path, caplog):
+    """Was: heal.method=distill on drop.method=none trained the unpruned model towards itself (held-out KL 0)."""
+    from dropquant.heal.apply import heal
+    from dropquant.params import HealParams
+
+    p = plan(layers=4)
+    with caplog.at_level("INFO", logger="dropquant.heal.apply"):
+        record = heal(method=method, heal_params=HealParams(method=method), plan={**p.to_json(), "plan_id": "x"},
+                      pruned_dir=tmp_path, out_dir=tmp_path / "out", tokens=None, calibration_sha256=None,
+                      open_base=lambda: pytest.fail("work started"), dtype=torch.float32, device="cpu",
+                      progress=False)
+    assert record["checkpoint"] is None and record["method"] == method and record["skipped"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"heal.method={method}: the drop plan removes nothing, so there is nothing to heal; the pruned checkpoint "
+        "is used as it is"]
+
+
+def test_heal_stage_skips_an_empty_plan_and_quantize_exports_it(tmp_path, monkeypatch, hf_tokenizer):
+    """No calibration tokens are needed, and the downstream stages take the skipped heal as the pruned model."""
+    import json
+
+    from stages.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    source = tmp_path / "src"
+    make_tiny("llama", layers=4, vocab=len(hf_tokenizer)).save_pretrained(source)
+    hf_tokenizer.save_pretrained(source)
+    overrides = ["-S", f"model.source={source}", "-S", "drop.method=none", "-S", "heal.method=distill",
+                 "-S", "quantize.type=F32"]
+    for stage in ("drop", "heal", "quantize"):
+        assert main([stage, "--params", "params.yaml", *overrides]) == 0, stage
+    record = json.loads((tmp_path / "data" / "healed" / "heal.json").read_text())
+    assert record["method"] == "distill" and record["checkpoint"] is None and record["skipped"]
+    manifest = json.loads((tmp_path / "data" / "gguf" / "manifest.json").read_text())
+    assert manifest["heal"]["method"] == "distill" and manifest["arch"] == "llama"
+    assert not (tmp_path / "data" / "calibration").exists()
