@@ -359,3 +359,19 @@ def test_qwen3_whole_layer_drops_still_run(workdir, tiny_qwen3_source):
     assert run_stage("heal", *overrides) == 0
     assert run_stage("quantize", *overrides) == 0
     assert json.loads((workdir / "data" / "gguf" / "manifest.json").read_text())["arch"] == "qwen3"
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", '{"text": ""}\n'], ids=["empty", "blank", "blank-field"])
+def test_calibration_file_without_text_is_refused_before_the_model_loads(workdir, monkeypatch, capsys, content):
+    """Was refused only after the model and its tokenizer had loaded (44 s), by the packer finding 0 tokens."""
+    import dropquant.model.loading as loading
+
+    def fail(*a, **k):
+        raise AssertionError("the model was touched before the refusal")
+    for name in ("resolve_source", "load_config", "load_tokenizer", "load_model"):
+        monkeypatch.setattr(loading, name, fail)
+    path = workdir / ("texts.jsonl" if content.startswith("{") else "texts.txt")
+    path.write_text(content)
+    rc = run_stage("calibrate", "-S", f"calibration.source={path}")
+    refused(capsys, rc, f"calibration.source: '{path}' holds no text")
+    assert nothing_written(workdir)
