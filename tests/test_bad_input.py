@@ -270,17 +270,17 @@ def test_block_drops_stay_plain_llama_checkpoints(tmp_path, name):
 
 
 def test_tokenizer_of_a_sublayer_dropped_checkpoint_still_loads(tmp_path, hf_tokenizer):
-    """The quantize and evaluate stages read the pruned checkpoint's tokenizer with AutoTokenizer."""
+    """Plain AutoTokenizer still loads it; the GGUF export and evaluation use load_checkpoint_tokenizer."""
     from transformers import AutoTokenizer
 
     from dropquant.prune.surgery import prune_model
-    from dropquant.prune.pruned_checkpoint import save_pruned
+    from dropquant.prune.pruned_checkpoint import load_checkpoint_tokenizer, save_pruned
     from dropquant.prune.selection import DropPlan
 
     plan = DropPlan(method="attn", n=1, selection="explicit", attn=[1], num_layers=LAYERS)
     save_pruned(prune_model(make_tiny_llama(layers=LAYERS), plan), tmp_path / "p", tokenizer=hf_tokenizer)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "p")
-    assert tok.encode("Hello world") == hf_tokenizer.encode("Hello world")
+    for tok in (AutoTokenizer.from_pretrained(tmp_path / "p"), load_checkpoint_tokenizer(tmp_path / "p")):
+        assert tok.encode("Hello world") == hf_tokenizer.encode("Hello world")
 
 
 # --- 7. the dropquant command --------------------------------------------------------------------------
