@@ -327,10 +327,16 @@ def generate_tokens_gguf(path: str | Path, tokenizer, n_samples: int, seq_len: i
 
 
 def source_texts(source: str, hf_config, split: str, text_field: str, seed: int) -> Iterator[str]:
+    """The texts of calibration.source in the order they are packed. Local files are read (and a source with no
+    text refused) at once; a dataset streams."""
     if source.startswith(HF_PREFIX):
         return iter_hf_texts(source[len(HF_PREFIX):], hf_config, split, text_field, seed)
     files = resolve_files(source)
     texts = list(iter_file_texts(files, text_field))
+    if not any(t.strip() for t in texts):
+        what = "its file is" if len(files) == 1 else f"its {len(files)} files are"
+        raise DropquantError(f"calibration.source: '{source}' holds no text ({what} empty, or every line or "
+                             f"'{text_field}' field blank)")
     random.Random(seed).shuffle(texts)  # a seed picks which documents; file order alone would always take the first
     return iter(texts)
 

@@ -46,6 +46,28 @@ class ModelParams(_Section):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
+    @model_validator(mode="after")
+    def _no_float16_on_a_cpu(self):
+        # torch's CPU float16 matrix products are emulated: data-free calibration of a 135M model ran for over
+        # 10 minutes without finishing. (auto keeps a float16 checkpoint's own precision, the one F16 GGUF path.)
+        if self.dtype == "float16" and _on_cpu(self.device):
+            where = "model.device=cpu" if self.device == "cpu" else "model.device=auto and no CUDA device here"
+            raise ValueError(f"model.dtype=float16 on a CPU ({where}): torch computes float16 very slowly on a CPU; use "
+                             "bfloat16 or float32 (or auto, the checkpoint's own precision; quantize.type=F16 gives "
+                             "an F16 GGUF from any precision)")
+        return self
+
+
+def _on_cpu(device: str) -> bool:
+    """Whether model.device resolves to the CPU here (dropquant.model.loading.resolve_device's rule)."""
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    import torch  # only for model.dtype=float16: params stay cheap to validate otherwise
+
+    return not torch.cuda.is_available()
+
 
 class CalibrationParams(_Section):
     # "generated" (data-free: text sampled from the model), a local .txt/.jsonl path or glob, or "hf:<dataset id>".

@@ -21,6 +21,9 @@ def run(params, args) -> None:
                                          resolve_device, resolve_dtype, resolve_source)
 
     c = params.calibration
+    # Local text files are read before the model: an empty one is refused at once, not after the tokenizer loads.
+    texts = None if c.source == cal.GENERATED else cal.source_texts(c.source, c.hf_config, c.split, c.text_field,
+                                                                     c.seed)
     source = resolve_source(params.model.source, params.model.revision)
     config = load_config(source)
     cal.check_seq_len(config, c.seq_len)
@@ -44,7 +47,6 @@ def run(params, args) -> None:
     else:
         sampler = None
         log.info("packing %d x %d tokens from %s", c.n_samples, c.seq_len, c.source)
-        texts = cal.source_texts(c.source, c.hf_config, c.split, c.text_field, c.seed)
         input_ids, texts_used = cal.pack(texts, tokenizer, c.n_samples, c.seq_len)
     manifest = {
         "source": c.source, "split": c.split if c.source.startswith(cal.HF_PREFIX) else None,

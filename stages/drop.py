@@ -17,11 +17,12 @@ EXPORT = Path("data/export")
 def run(params, args) -> None:
     from dropquant.artifacts import PLAN_ID, check_scores_calibration, file_sha256, plan_id, read_json
     from dropquant.atomic import atomic_dir, write_json
+    from dropquant.model.families import check_gguf_expressible
     from dropquant.model.layerwise import should_stream
     from dropquant.model.loading import (build_skeleton, checkpoint_dir, load_config, load_model, load_tokenizer,
                                          model_identity, resolve_dtype, resolve_source)
     from dropquant.prune.pruned_checkpoint import checkpoint_tensor_bytes, save_pruned, save_pruned_from
-    from dropquant.prune.surgery import dropped_parameters, prune_model, summary
+    from dropquant.prune.surgery import dropped_parameters, layout_for_plan, prune_model, summary
     from dropquant.prune.selection import check_scores, describe, select
 
     # Everything that can be refused is checked before a weight is loaded or a file written.
@@ -39,6 +40,9 @@ def run(params, args) -> None:
 
         check_exportable(config.model_type)
     plan = select(params, n_layers, scores)
+    # The pipeline exports every plan as a GGUF: one it cannot express is refused here, not after drop and heal.
+    _, sub_attn, sub_mlp = layout_for_plan(plan)
+    check_gguf_expressible(config, sub_attn, sub_mlp, source.spec, method=params.drop.method)
     log.info("plan: %s", describe(plan))
     record = {**plan.to_json(identity), "scores_sha256": file_sha256(args.scores) if scores is not None else None}
     record[PLAN_ID] = plan_id(record)

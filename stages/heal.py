@@ -16,7 +16,7 @@ OUT = Path("data/healed")
 def run(params, args) -> None:
     from dropquant.artifacts import check_pruned_matches_plan, read_calibration, read_json, read_plan
     from dropquant.atomic import atomic_dir, write_json
-    from dropquant.heal.apply import HEAL_FILE, heal
+    from dropquant.heal.apply import HEAL_FILE, heal, nothing_to_heal
     from dropquant.model.layerwise import source_stack
     from dropquant.model.loading import load_config, model_identity, resolve_device, resolve_dtype, resolve_source
     from dropquant.prune.surgery import RECORD_KEY
@@ -28,7 +28,8 @@ def run(params, args) -> None:
     pruned_config = read_json(args.pruned / "config.json", "pruned checkpoint", "run the drop stage")
     check_pruned_matches_plan(pruned_config.get(RECORD_KEY), plan, args.pruned, args.plan)
     method = params.heal.method
-    tokens, calibration = (read_calibration(args.calibration, identity) if method != "none" else (None, {}))
+    work = method != "none" and not nothing_to_heal(plan)
+    tokens, calibration = read_calibration(args.calibration, identity) if work else (None, {})
     dtype, device = resolve_dtype(params.model.dtype, source), resolve_device(params.model.device)
 
     with atomic_dir(args.out) as tmp:
@@ -39,7 +40,7 @@ def run(params, args) -> None:
         write_json(tmp / HEAL_FILE, record)
     if record["checkpoint"]:
         log.info("wrote the healed checkpoint %s (%s)", args.out / record["checkpoint"], method)
-    else:
+    elif not record.get("skipped"):  # a skipped heal said why already
         log.info("heal.method=%s: nothing changed; quantize exports %s as it is", method, args.pruned)
 
 

@@ -61,14 +61,16 @@ def run(params, args) -> None:
         directory = checkpoint_dir(source)  # None: a GGUF source, loaded (dequantized) whole
         check_gguf_expressible(config, [], [], source.spec)
     else:
-        from dropquant.prune.surgery import RECORD_KEY
+        from dropquant.prune.selection import DropPlan
+        from dropquant.prune.surgery import RECORD_KEY, layout_for_plan
 
         # The plan must be this model's, and the checkpoint the one it cut: checked before any weight is read.
         plan = read_plan(args.plan, identity)
         pruned_config = read_json(args.pruned / "config.json", "pruned checkpoint", "run the drop stage")
         check_pruned_matches_plan(pruned_config.get(RECORD_KEY), plan, args.pruned, args.plan)
-        check_gguf_expressible(config, plan["attn"], plan["mlp"], source.spec)
-        heal_record, healed = read_heal(args.healed, plan)
+        check_gguf_expressible(config, *layout_for_plan(DropPlan.from_json(plan))[1:], source.spec,
+                               method=plan["method"])
+        heal_record, healed = read_heal(args.healed, plan, params.heal)
         directory = healed or args.pruned
 
     with atomic_dir(out) as tmp:

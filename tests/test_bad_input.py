@@ -270,17 +270,17 @@ def test_block_drops_stay_plain_llama_checkpoints(tmp_path, name):
 
 
 def test_tokenizer_of_a_sublayer_dropped_checkpoint_still_loads(tmp_path, hf_tokenizer):
-    """The quantize and evaluate stages read the pruned checkpoint's tokenizer with AutoTokenizer."""
+    """Plain AutoTokenizer still loads it; the GGUF export and evaluation use load_checkpoint_tokenizer."""
     from transformers import AutoTokenizer
 
     from dropquant.prune.surgery import prune_model
-    from dropquant.prune.pruned_checkpoint import save_pruned
+    from dropquant.prune.pruned_checkpoint import load_checkpoint_tokenizer, save_pruned
     from dropquant.prune.selection import DropPlan
 
     plan = DropPlan(method="attn", n=1, selection="explicit", attn=[1], num_layers=LAYERS)
     save_pruned(prune_model(make_tiny_llama(layers=LAYERS), plan), tmp_path / "p", tokenizer=hf_tokenizer)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "p")
-    assert tok.encode("Hello world") == hf_tokenizer.encode("Hello world")
+    for tok in (AutoTokenizer.from_pretrained(tmp_path / "p"), load_checkpoint_tokenizer(tmp_path / "p")):
+        assert tok.encode("Hello world") == hf_tokenizer.encode("Hello world")
 
 
 # --- 7. the dropquant command --------------------------------------------------------------------------
@@ -315,3 +315,63 @@ def test_usage_lists_every_stage(capsys):
     assert main([]) == 2
     assert "stages: calibrate" in capsys.readouterr().err
 
+
+
+# --- 8. issue #28: refused before any work ---------------------------------------------------------------
+
+def _no_weights_loaded(monkeypatch):
+    import dropquant.model.loading as loading
+
+    def fail(*a, **k):
+        raise AssertionError("weights were loaded before the refusal")
+    for name in ("load_model", "build_skeleton"):
+        monkeypatch.setattr(loading, name, fail)
+
+
+@pytest.fixture
+def tiny_qwen3_source(workdir, hf_tokenizer):
+    """A tiny random Qwen3 checkpoint as `python -m dropquant.model.random_model --family qwen3` writes it."""
+    from dropquant.model.random_model import write_random_checkpoint
+
+    return write_random_checkpoint(workdir / "qwen3", family="qwen3", layers=LAYERS, hidden=64, intermediate=128,
+                                   heads=4, kv_heads=2, dtype="float32", tokenizer_source=hf_tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("method", ["attn", "mlp", "joint"])
+def test_qwen3_sublayer_drop_is_refused_by_the_drop_stage(workdir, tiny_qwen3_source, monkeypatch, capsys, method):
+    """Was: drop and heal ran and wrote a checkpoint; only quantize refused ('cannot be written as GGUF')."""
+    _no_weights_loaded(monkeypatch)
+    rc = run_stage("drop", "-S", f"model.source={tiny_qwen3_source}", "-S", f"drop.method={method}",
+                   "-S", "drop.n=1", "-S", "drop.selection=reverse")
+    refused(capsys, rc, "qwen3", f"drop.method={method}", "cannot be written as GGUF", "drop.method none or block",
+            "dropquant.load_pruned", "prune_model", "save_pruned")
+    assert nothing_written(workdir)
+
+
+def test_qwen3_whole_layer_drops_still_run(workdir, tiny_qwen3_source):
+    """Block drops, and a joint drop that takes both halves of a layer (the layer goes whole), have a GGUF form."""
+    for method, layers in (("block", "{blocks: [1]}"), ("joint", "{attn: [2], mlp: [2]}")):
+        assert run_stage("drop", "-S", f"model.source={tiny_qwen3_source}", "-S", f"drop.method={method}",
+                         "-S", f"drop.layers={layers}") == 0
+        plan = json.loads((workdir / "data" / "drop" / "plan.json").read_text())
+        assert plan["kept_layers"] == ([0, 2, 3] if method == "block" else [0, 1, 3])
+    overrides = ["-S", f"model.source={tiny_qwen3_source}", "-S", "drop.method=joint", "-S", "quantize.type=F32"]
+    assert run_stage("heal", *overrides) == 0
+    assert run_stage("quantize", *overrides) == 0
+    assert json.loads((workdir / "data" / "gguf" / "manifest.json").read_text())["arch"] == "qwen3"
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", '{"text": ""}\n'], ids=["empty", "blank", "blank-field"])
+def test_calibration_file_without_text_is_refused_before_the_model_loads(workdir, monkeypatch, capsys, content):
+    """Was refused only after the model and its tokenizer had loaded (44 s), by the packer finding 0 tokens."""
+    import dropquant.model.loading as loading
+
+    def fail(*a, **k):
+        raise AssertionError("the model was touched before the refusal")
+    for name in ("resolve_source", "load_config", "load_tokenizer", "load_model"):
+        monkeypatch.setattr(loading, name, fail)
+    path = workdir / ("texts.jsonl" if content.startswith("{") else "texts.txt")
+    path.write_text(content)
+    rc = run_stage("calibrate", "-S", f"calibration.source={path}")
+    refused(capsys, rc, f"calibration.source: '{path}' holds no text")
+    assert nothing_written(workdir)

@@ -52,6 +52,16 @@ def test_local_sources_txt_jsonl_and_globs(tmp_path):
         resolve_files(str(tmp_path / "*.parquet"))
 
 
+def test_a_source_with_no_text_is_refused_as_it_is_read(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": ""}) + "\n\n" + json.dumps({"text": "  "}) + "\n")
+    (tmp_path / "none.jsonl").write_text("")
+    for name in ("empty.txt", "blank.txt", "blank.jsonl", "none.jsonl", "*"):
+        with pytest.raises(DropquantError, match="calibration.source: '.*' holds no text"):
+            source_texts(str(tmp_path / name), None, "train", "text", seed=0)
+
+
 def test_seed_makes_selection_deterministic(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))

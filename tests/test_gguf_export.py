@@ -119,6 +119,35 @@ def test_tied_embeddings_and_hf_checkpoint_dir(tmp_path, tokenizer_gguf, hf_toke
     assert np.abs(got - ref).max() <= 1e-2
 
 
+def test_sublayer_dropped_checkpoint_tokenizer_loads_without_a_model_type_warning(tmp_path, hf_tokenizer):
+    """Regression: every export of an attention drop warned "You are using a model of type dropquant-pruned (...)
+    to instantiate a model of type ``": the tokenizer was loaded without the checkpoint's real config."""
+    import logging
+
+    import gguf
+
+    class Capture(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    pruned = prune_model(tiny_llama(), plan(attn=[1, 3]))
+    save_pruned(pruned, tmp_path / "pruned", tokenizer=hf_tokenizer)
+    capture, logger = Capture(), logging.getLogger("transformers")  # transformers' loggers do not propagate to root
+    logger.addHandler(capture)
+    try:
+        export_checkpoint(tmp_path / "pruned", tmp_path / "model.gguf")
+    finally:
+        logger.removeHandler(capture)
+    assert not [m for m in capture.messages if "model of type" in m], capture.messages
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == len(hf_tokenizer)
+
+
 def test_every_attention_dropped_parity_and_context(tmp_path, tokenizer_gguf):
     """Regression: with no attention at all, llama.cpp could not create a context ("failed to allocate buffer
     for kv cache"). The first block now carries one zero attention with one KV head: exact, and a tiny cache."""

@@ -184,6 +184,24 @@ def test_distillation_is_deterministic_for_a_seed():
         assert torch.equal(pa, pb), name
 
 
+def test_distillation_log_quotes_the_best_including_the_current_evaluation(caplog):
+    # It quoted the best before the current evaluation: "step 20: KL 0.1418 (best 0.1684 at step 0)".
+    import re
+
+    with caplog.at_level("INFO", logger="dropquant.heal.distill"):
+        _, result = _distill("norms")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == len(result.heldout) - 1 and any("new best" in line for line in lines)
+    best, best_step = result.heldout[0][1], 0
+    for (step, kl), line in zip(result.heldout[1:], lines):
+        if kl < best:
+            best, best_step = kl, step
+            assert line == f"step {step}: held-out KL {kl:.4f} (new best)"
+        else:
+            assert line == f"step {step}: held-out KL {kl:.4f} (best {best:.4f} at step {best_step})"
+            assert float(re.search(r"best ([0-9.]+)", line).group(1)) <= round(kl, 4)
+
+
 def _needs_bf16():
     from dropquant.heal.distill import bf16_supported
 
@@ -229,3 +247,45 @@ def test_bucket_kl_is_the_full_kl_when_k_is_the_vocabulary():
     assert bucket_kl(s, ids, values).item() == pytest.approx(full.item(), rel=1e-4)
     values, ids = tl.topk(5, dim=-1)
     assert bucket_kl(s, ids, values).item() <= full.item() + 1e-6  # fewer buckets: a lower bound
+
+
+# --- nothing dropped, nothing to heal ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["linear", "distill", "linear+distill"])
+def test_a_plan_that_drops_nothing_is_not_healed(method, tmp_path, caplog):
+    """Was: heal.method=distill on drop.method=none trained the unpruned model towards itself (held-out KL 0)."""
+    from dropquant.heal.apply import heal
+    from dropquant.params import HealParams
+
+    p = plan(layers=4)
+    with caplog.at_level("INFO", logger="dropquant.heal.apply"):
+        record = heal(method=method, heal_params=HealParams(method=method), plan={**p.to_json(), "plan_id": "x"},
+                      pruned_dir=tmp_path, out_dir=tmp_path / "out", tokens=None, calibration_sha256=None,
+                      open_base=lambda: pytest.fail("work started"), dtype=torch.float32, device="cpu",
+                      progress=False)
+    assert record["checkpoint"] is None and record["method"] == method and record["skipped"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"heal.method={method}: the drop plan removes nothing, so there is nothing to heal; the pruned checkpoint "
+        "is used as it is"]
+
+
+def test_heal_stage_skips_an_empty_plan_and_quantize_exports_it(tmp_path, monkeypatch, hf_tokenizer):
+    """No calibration tokens are needed, and the downstream stages take the skipped heal as the pruned model."""
+    import json
+
+    from stages.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    source = tmp_path / "src"
+    make_tiny("llama", layers=4, vocab=len(hf_tokenizer)).save_pretrained(source)
+    hf_tokenizer.save_pretrained(source)
+    overrides = ["-S", f"model.source={source}", "-S", "drop.method=none", "-S", "heal.method=distill",
+                 "-S", "quantize.type=F32"]
+    for stage in ("drop", "heal", "quantize"):
+        assert main([stage, "--params", "params.yaml", *overrides]) == 0, stage
+    record = json.loads((tmp_path / "data" / "healed" / "heal.json").read_text())
+    assert record["method"] == "distill" and record["checkpoint"] is None and record["skipped"]
+    manifest = json.loads((tmp_path / "data" / "gguf" / "manifest.json").read_text())
+    assert manifest["heal"]["method"] == "distill" and manifest["arch"] == "llama"
+    assert not (tmp_path / "data" / "calibration").exists()

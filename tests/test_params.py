@@ -132,3 +132,28 @@ def test_chat_params(tmp_path):
         parse_params({"eval": {"chat": {"tasks": ["alpaca_eval"]}}})
     with pytest.raises(DropquantError, match="max_tokens \\(2048\\) must be below n_ctx \\(1536\\)"):
         parse_params({"eval": {"chat": {"max_tokens": 2048}}})
+
+
+def test_float16_on_a_cpu_is_refused(monkeypatch, tmp_path, capsys):
+    """Was accepted silently: torch's CPU float16 matmuls made data-free calibration run for over 10 minutes."""
+    import torch
+
+    from stages import calibrate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cpu", "auto"):
+        with pytest.raises(DropquantError, match=f"model.dtype=float16 on a CPU \\(model.device={device}.*bfloat16 "
+                                                 "or float32"):
+            parse_params({"model": {"dtype": "float16", "device": device}})
+    for dtype in ("auto", "bfloat16", "float32"):  # auto keeps a float16 checkpoint's precision: the F16 GGUF path
+        assert parse_params({"model": {"dtype": dtype, "device": "cpu"}}).model.dtype == dtype
+    assert parse_params({"model": {"dtype": "float16", "device": "cuda"}}).model.device == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_params({"model": {"dtype": "float16"}}).model.dtype == "float16"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "calibration"
+    rc = calibrate.main(["--params", str(ROOT / "params.yaml"), "-S", "model.dtype=float16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "model.dtype=float16 on a CPU" in err
+    assert not out.exists()

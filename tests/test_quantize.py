@@ -257,10 +257,11 @@ def test_stage_variant_f32_is_the_pruned_model(workspace):
 
 
 def test_stage_exports_the_healed_checkpoint_with_its_imatrix(workspace):
-    assert heal_stage(workspace, "-S", "heal.method=linear") == 0
+    linear = ("-S", "heal.method=linear")
+    assert heal_stage(workspace, *linear) == 0
     healed = workspace / "healed" / "model"
     out = workspace / "gguf"
-    assert stage(workspace, "--out", str(out), "-S", "quantize.type=F32") == 0
+    assert stage(workspace, "--out", str(out), "-S", "quantize.type=F32", *linear) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     heal_record = json.loads((workspace / "healed" / "heal.json").read_text())
     assert manifest["heal"] == {"method": "linear", "heal_id": heal_record["heal_id"]}
@@ -272,7 +273,7 @@ def test_stage_exports_the_healed_checkpoint_with_its_imatrix(workspace):
     assert np.abs(got - ref).max() < 1e-2 < np.abs(got - plain).max()
 
     # The importance matrix covers the stand-ins (collected on the healed model, not the pruned one).
-    assert stage(workspace, "--out", str(out), "-S", "quantize.type=Q4_K_M", "-S", "quantize.imatrix=true") == 0
+    assert stage(workspace, "--out", str(out), "-S", "quantize.type=Q4_K_M", "-S", "quantize.imatrix=true", *linear) == 0
     from dropquant.gguf.imatrix import read_imatrix
 
     stats = read_imatrix(out / "imatrix.gguf")
@@ -282,8 +283,22 @@ def test_stage_exports_the_healed_checkpoint_with_its_imatrix(workspace):
     # A heal record for another plan is refused before any work.
     record = {**heal_record, "plan_id": "0" * 16}
     (workspace / "healed" / "heal.json").write_text(json.dumps(record))
-    assert stage(workspace, "--out", str(workspace / "other")) == 2
+    assert stage(workspace, "--out", str(workspace / "other"), *linear) == 2
     assert not (workspace / "other").exists()
+
+
+def test_stage_refuses_a_heal_record_made_with_other_heal_params(workspace, capsys):
+    """Was: after a complete heal.method=none run and an interrupted linear+distill one, quantize by hand with
+    heal.method=linear+distill exported the unhealed checkpoint without a word."""
+    out = workspace / "gguf"
+    assert stage(workspace, "--out", str(out), "-S", "heal.method=linear+distill") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "heal.json was made by heal.method=none" in err, err
+    assert "the current parameters ask for heal.method=linear+distill" in err and "run the heal stage" in err, err
+    assert stage(workspace, "--out", str(out), "-S", "heal.steps=7") == 2
+    err = capsys.readouterr().err
+    assert "heal.method=none with other heal parameters" in err and "heal.steps: 120 there, 7 now" in err, err
+    assert not out.exists()
 
 
 def test_stage_imatrix_and_baseline(workspace):

@@ -29,11 +29,9 @@ def make_lm(model: str | Path, n_ctx: int = 2048, threads: int = 2, batch_size: 
         torch.set_num_threads(threads)
         config = json.loads((path / "config.json").read_text())
         if "dropquant" in config:  # a pruned checkpoint: transformers alone cannot build its missing modules
-            from transformers import AutoTokenizer
+            from dropquant.prune.pruned_checkpoint import load_checkpoint_tokenizer, load_pruned
 
-            from dropquant.prune.pruned_checkpoint import load_pruned
-
-            return HFLM(pretrained=load_pruned(path), tokenizer=AutoTokenizer.from_pretrained(path),
+            return HFLM(pretrained=load_pruned(path), tokenizer=load_checkpoint_tokenizer(path),
                         batch_size=batch_size, max_length=n_ctx, device="cpu")
         return HFLM(pretrained=str(path), dtype="float32", batch_size=batch_size, max_length=n_ctx, device="cpu")
     raise DropquantError(f"cannot evaluate '{model}': expected a .gguf file or a Hugging Face model directory")

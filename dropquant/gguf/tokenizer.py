@@ -56,10 +56,11 @@ def bpe_pre(tokenizer) -> str:
 def add_hf_tokenizer(w, directory: Path, vocab_size: int) -> None:
     """Write a Hugging Face tokenizer as llama.cpp expects it (convert_hf_to_gguf.py's gpt2 / llama-hf paths)."""
     import gguf
-    from transformers import AutoTokenizer
+
+    from dropquant.prune.pruned_checkpoint import load_checkpoint_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(directory))
+        tok = load_checkpoint_tokenizer(directory)
     except (OSError, ValueError) as err:
         raise DropquantError(f"{directory}: cannot load its tokenizer: {err}") from None
     backend = getattr(tok, "backend_tokenizer", None)

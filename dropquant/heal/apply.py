@@ -32,14 +32,16 @@ def heal_id(heal_params: dict, plan_id: str, calibration_sha256: Optional[str]) 
     return json_digest({"heal": heal_params, PLAN_ID: plan_id, "calibration_sha256": calibration_sha256})
 
 
-def read_heal(directory: str | Path, plan: dict) -> tuple[dict, Optional[Path]]:
+def read_heal(directory: str | Path, plan: dict, heal_params) -> tuple[dict, Optional[Path]]:
     """(heal.json, the checkpoint to export: the healed one, or None for the pruned one as it is), refused
-    when it was made for another plan or its checkpoint is not the one it describes."""
+    when it was made for another plan or with other heal parameters than `heal_params` (the current `heal.*`),
+    or its checkpoint is not the one it describes."""
     directory = Path(directory)
     hint = "run the heal stage"
     record = read_json(directory / HEAL_FILE, "heal record", hint)
     check_same(str(directory / HEAL_FILE), PLAN_ID, record.get(PLAN_ID), plan[PLAN_ID],
                f"it heals another drop plan than the current one; {hint}")
+    _check_heal_params(directory / HEAL_FILE, record, heal_params, hint)
     if not record.get("checkpoint"):
         return record, None
     checkpoint = directory / record["checkpoint"]
@@ -47,6 +49,27 @@ def read_heal(directory: str | Path, plan: dict) -> tuple[dict, Optional[Path]]:
     check_same(f"{checkpoint}/config.json", HEAL_ID, (config.get(RECORD_KEY) or {}).get(HEAL_ID), record.get(HEAL_ID),
                f"the checkpoint is not the one {directory / HEAL_FILE} describes (an interrupted heal stage?); {hint}")
     return record, checkpoint
+
+
+def _check_heal_params(path: Path, record: dict, heal_params, hint: str) -> None:
+    """A heal.json left by an earlier run with other heal.* (a heal stage killed before replacing it, and the
+    next stage run by hand) would otherwise have its checkpoint, or the unhealed one, exported as this run's."""
+    current = heal_params if isinstance(heal_params, dict) else heal_params.model_dump(mode="json")
+    recorded = record.get("params") or {}
+    if recorded == current:
+        return
+    differ = [f"heal.{k}: {recorded.get(k)!r} there, {current.get(k)!r} now"
+              for k in sorted(set(recorded) | set(current)) if k != "method" and recorded.get(k) != current.get(k)]
+    made, now = record.get("method"), current.get("method")
+    what = (f"heal.method={made}, and the current parameters ask for heal.method={now}" if made != now
+            else f"heal.method={made} with other heal parameters than the current ones")
+    raise DropquantError(f"{path} was made by {what}{': ' if differ else ''}{', '.join(differ)} (an interrupted or "
+                         f"older heal stage?); {hint} with the current parameters")
+
+
+def nothing_to_heal(plan: dict) -> bool:
+    """A plan that drops nothing (drop.method none, or n = 0): the pruned checkpoint is the unpruned model."""
+    return DropPlan.from_json(plan).is_empty
 
 
 # --- the whole heal: linear, distill, or both ------------------------------------------------------------------
@@ -61,6 +84,12 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
               "calibration_sha256": calibration_sha256, "checkpoint": None}
     record[HEAL_ID] = heal_id(record["params"], plan[PLAN_ID], calibration_sha256)
     if method == "none":
+        return record
+    if nothing_to_heal(plan):
+        # Distilling the unpruned model towards itself would train for nothing (held-out KL 0 from step 0).
+        log.info("heal.method=%s: the drop plan removes nothing, so there is nothing to heal; the pruned "
+                 "checkpoint is used as it is", method)
+        record["skipped"] = "the drop plan removes nothing"
         return record
     if "distill" in method:
         check_precision(hp.precision, device)  # before the fit and the teacher pass, not after them

@@ -252,11 +252,12 @@ def distill(model, train: TeacherTargets, holdout: TeacherTargets, *, what: str,
                 result.heldout.append([step, kl])
                 result.train_loss.append([step, sum(running) / len(running)])
                 running = []
-                log.info("step %d: held-out KL %.4f (best %.4f at step %d)", step, kl, best, result.best_step)
                 if kl < best:
                     best, bad_evals, result.best_step = kl, 0, step
                     best_state = {id(p): p.detach().clone() for p in params}
+                    log.info("step %d: held-out KL %.4f (new best)", step, kl)
                 else:
+                    log.info("step %d: held-out KL %.4f (best %.4f at step %d)", step, kl, best, result.best_step)
                     bad_evals += 1
                     if bad_evals >= patience:
                         result.stopped_early = True

@@ -71,11 +71,20 @@ def biased_projections(config: Any) -> tuple[str, ...]:
     return ("q_proj", "k_proj", "v_proj", "o_proj") if _get(config, "attention_bias", False) else ()
 
 
-def check_gguf_expressible(config: Any, dropped_attn, dropped_mlp, name: str = "model") -> None:
-    """Refuse, before any work, a drop pattern that no GGUF stock llama.cpp runs can express exactly."""
+# Where a drop the pipeline refuses (it always exports a GGUF) is still made: the torch checkpoint alone, from Python.
+TORCH_ONLY_HINT = ("for the pruned model in torch alone, prune it from Python with dropquant.prune.surgery.prune_model "
+                   "and save_pruned, and reload it with dropquant.load_pruned (docs/drop.md, \"Only the torch "
+                   "checkpoint\")")
+
+
+def check_gguf_expressible(config: Any, dropped_attn, dropped_mlp, name: str = "model",
+                           method: Optional[str] = None) -> None:
+    """Refuse, before any work, a drop pattern that no GGUF stock llama.cpp runs can express exactly.
+    `dropped_attn`/`dropped_mlp` are sublayer drops of kept layers (a layer losing both halves is a block)."""
     family = family_of(config, name)
     if family.no_sublayer_gguf and (list(dropped_attn) or list(dropped_mlp)):
+        what = f" (drop.method={method})" if method else ""
         raise DropquantError(
-            f"{name}: a {family.model_type} model with attention or MLP layers dropped cannot be written as GGUF: "
-            f"{family.no_sublayer_gguf}. What works: drop.method none or block (the {family.gguf_arch} "
-            "architecture with fewer blocks), or use the pruned Hugging Face checkpoint (data/pruned) in torch")
+            f"{name}: a {family.model_type} model with attention or MLP layers dropped{what} cannot be written as "
+            f"GGUF, which the pipeline always makes: {family.no_sublayer_gguf}. What works: drop.method none or block "
+            f"(the {family.gguf_arch} architecture with fewer blocks); {TORCH_ONLY_HINT}")

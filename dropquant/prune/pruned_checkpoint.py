@@ -159,6 +159,19 @@ def config_from_checkpoint(path):
     return config
 
 
+def load_checkpoint_tokenizer(path):
+    """A checkpoint directory's tokenizer, chosen for its real model type.
+
+    Without a config, AutoTokenizer reads config.json through AutoConfig; a sublayer-dropped checkpoint's
+    PRUNED_MODEL_TYPE makes that fail, and transformers falls back to the bare PretrainedConfig with a warning that
+    the checkpoint is of the wrong type. Given the config, a pruned checkpoint's tokenizer loads as its base's.
+    A directory with a tokenizer and no config.json is loaded as transformers would."""
+    from transformers import AutoTokenizer
+
+    kw = {"config": config_from_checkpoint(path)} if (Path(path) / "config.json").is_file() else {}
+    return AutoTokenizer.from_pretrained(str(path), **kw)
+
+
 def read_record(config) -> dict:
     n = config.num_hidden_layers
     record = getattr(config, RECORD_KEY, None) or {
