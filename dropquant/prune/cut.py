@@ -32,17 +32,23 @@ def open_for_cut(source, config, dtype, stream) -> tuple[object, Optional[Path]]
     return (build_skeleton(config, dtype), directory) if streamed else (load_model(source, dtype), None)
 
 
-def cut_and_save(model, plan: DropPlan, record_id: str, out: Path, *, dtype=None, tokenizer=None,
-                 stream_from: Optional[Path] = None) -> dict:
-    """Prune `model` in place by `plan`, write it to `out` (from `stream_from`'s tensors for a skeleton) and
-    return what plan.json adds after the cut: the kept layers and the sizes before and after."""
+def cut(model, plan: DropPlan, record_id: str, *, dtype=None) -> dict:
+    """Prune `model` in place by `plan` (its config names the plan, `record_id`); returns the sizes before and
+    after, which `save_cut` completes with what was written."""
     dtype = dtype if dtype is not None else next(model.parameters()).dtype
     before = summary(model)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     dropped = dropped_parameters(model, plan)
     prune_model(model, plan)
     model.config.dropquant[PLAN_ID] = record_id  # the checkpoint names the plan that cut it
-    after = summary(model)
+    return {"dtype": dtype, "before": before, "after": summary(model), "base_bytes": base_bytes, "dropped": dropped}
+
+
+def save_cut(model, sizes: dict, out: Path, *, tokenizer=None, stream_from: Optional[Path] = None) -> dict:
+    """Write the model `cut` pruned to `out` (from `stream_from`'s tensors for a skeleton); returns what plan.json
+    adds after the cut: the kept layers and the sizes before and after."""
+    dtype, before, after = sizes["dtype"], sizes["before"], sizes["after"]
+    base_bytes, dropped = sizes["base_bytes"], sizes["dropped"]
     if stream_from is not None:
         save_pruned_from(model, stream_from, out, tokenizer=tokenizer)
     else:
@@ -62,3 +68,10 @@ def cut_and_save(model, plan: DropPlan, record_id: str, out: Path, *, dtype=None
                  "base_params": before["params"], "pruned_params": after["params"],
                  "dtype": str(dtype).removeprefix("torch."), "streamed": stream_from is not None},
     }
+
+
+def cut_and_save(model, plan: DropPlan, record_id: str, out: Path, *, dtype=None, tokenizer=None,
+                 stream_from: Optional[Path] = None) -> dict:
+    """`cut`, then `save_cut`: the drop stage's whole cut."""
+    return save_cut(model, cut(model, plan, record_id, dtype=dtype), out, tokenizer=tokenizer,
+                    stream_from=stream_from)
