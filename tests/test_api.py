@@ -153,9 +153,11 @@ def _docs_example() -> str:
     return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
 
 
+@pytest.mark.integration
 def test_docs_example_runs_on_the_embedded_model(tmp_path, monkeypatch, capsys):
-    """docs/python.md's example, as written (slower, ~1 min: the 135M model is loaded three times and two GGUFs are
-    exported): score -> plan -> drop -> to_gguf -> evaluate."""
+    """docs/python.md's example, as written: score -> plan -> drop -> to_gguf -> evaluate. The slow test here (about
+    80 s of CPU): transformers dequantizes the 135M model from its GGUF three times (score, drop, and the base's
+    export), and lm-eval runs ARC-Easy on both files."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DROPQUANT_WORKSPACE", str(ROOT))  # ../shared/data as from the project folder
     scope: dict = {}
