@@ -10,7 +10,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -343,3 +343,48 @@ def source_texts(source: str, hf_config, split: str, text_field: str, seed: int)
 
 def tokens_digest(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()
+
+
+def make_calibration(params, source, config, *, tokenizer=None, model=None,
+                     texts: Optional[list[str]] = None) -> tuple[torch.Tensor, dict]:
+    """The calibrate stage's tokens and manifest for `params.calibration` and the model at `source`.
+
+    `model`: an already loaded model to sample from (data-free calibration) instead of loading `source`'s;
+    `tokenizer`: its tokenizer, else `source`'s is loaded; `texts`: the text source, when already read.
+    Shared by the stage and `dropquant.calibrate`."""
+    from .model.layerwise import should_stream
+    from .model.loading import checkpoint_dir, load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype
+
+    log = logging.getLogger("dropquant.calibrate")  # the stage's log lines, wherever they are made
+    c = params.calibration
+    check_seq_len(config, c.seq_len)
+    identity = model_identity(config, source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
+    if c.source == GENERATED:
+        sampler = "llama.cpp" if model is None and source.gguf_path is not None else "torch"
+        if model is None:
+            dtype, device = resolve_dtype(params.model.dtype, source), resolve_device(params.model.device)
+            if should_stream(params.model.stream, checkpoint_dir(source), dtype, device, source.spec):
+                raise DropquantError("calibration.source=generated samples text from the whole model, which does not "
+                                     "fit in memory here (or model.stream is true): use a text source (a .txt/.jsonl "
+                                     "path or hf:<dataset>)")
+        log.info("data-free calibration: sampling %d x %d tokens from %s in %s", c.n_samples, c.seq_len, source.spec,
+                 sampler)
+        if sampler == "llama.cpp":  # the GGUF itself, in llama.cpp: docs/performance.md#calibration
+            input_ids = generate_tokens_gguf(source.gguf_path, tokenizer, c.n_samples, c.seq_len, c.seed)
+        else:
+            input_ids = generate_tokens(model if model is not None else load_model(source, dtype, device), tokenizer,
+                                        c.n_samples, c.seq_len, c.seed)
+        texts_used = None
+    else:
+        sampler = None
+        log.info("packing %d x %d tokens from %s", c.n_samples, c.seq_len, c.source)
+        if texts is None:
+            texts = source_texts(c.source, c.hf_config, c.split, c.text_field, c.seed)
+        input_ids, texts_used = pack(texts, tokenizer, c.n_samples, c.seq_len)
+    manifest = {
+        "source": c.source, "split": c.split if c.source.startswith(HF_PREFIX) else None,
+        "n_samples": c.n_samples, "seq_len": c.seq_len, "n_tokens": input_ids.numel(), "seed": c.seed,
+        "texts_used": texts_used, "sampler": sampler, "sha256": tokens_digest(input_ids), "model": identity,
+    }
+    return input_ids, manifest

@@ -15,15 +15,13 @@ EXPORT = Path("data/export")
 
 
 def run(params, args) -> None:
-    from dropquant.artifacts import PLAN_ID, check_scores_calibration, file_sha256, plan_id, read_json
+    from dropquant.artifacts import PLAN_ID, check_scores_calibration, file_sha256, read_json
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.model.families import check_gguf_expressible
-    from dropquant.model.layerwise import should_stream
-    from dropquant.model.loading import (build_skeleton, checkpoint_dir, load_config, load_model, load_tokenizer,
-                                         model_identity, resolve_dtype, resolve_source)
-    from dropquant.prune.pruned_checkpoint import checkpoint_tensor_bytes, save_pruned, save_pruned_from
-    from dropquant.prune.surgery import dropped_parameters, layout_for_plan, prune_model, summary
+    from dropquant.model.loading import load_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
+    from dropquant.prune.cut import cut_and_save, open_for_cut, plan_record
     from dropquant.prune.selection import check_scores, describe, select
+    from dropquant.prune.surgery import layout_for_plan
 
     # Everything that can be refused is checked before a weight is loaded or a file written.
     source = resolve_source(params.model.source, params.model.revision)
@@ -44,33 +42,14 @@ def run(params, args) -> None:
     _, sub_attn, sub_mlp = layout_for_plan(plan)
     check_gguf_expressible(config, sub_attn, sub_mlp, source.spec, method=params.drop.method)
     log.info("plan: %s", describe(plan))
-    record = {**plan.to_json(identity), "scores_sha256": file_sha256(args.scores) if scores is not None else None}
-    record[PLAN_ID] = plan_id(record)
+    record = plan_record(plan, identity, file_sha256(args.scores) if scores is not None else None)
 
     # The pruned checkpoint keeps the source's precision (model.dtype: auto). Streamed, the model is only
     # its meta-device skeleton and the kept tensors are copied from the checkpoint one by one.
     dtype = resolve_dtype(params.model.dtype, source)
-    directory = checkpoint_dir(source)
-    streamed = should_stream(params.model.stream, directory, dtype, "cpu", source.spec)
-    model = build_skeleton(config, dtype) if streamed else load_model(source, dtype)
-    before = summary(model)
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    dropped = dropped_parameters(model, plan)
-    prune_model(model, plan)
-    model.config.dropquant[PLAN_ID] = record[PLAN_ID]  # the checkpoint names the plan that cut it
-    after = summary(model)
-    if streamed:
-        save_pruned_from(model, directory, args.pruned, tokenizer=load_tokenizer(source))
-    else:
-        save_pruned(model, args.pruned, tokenizer=load_tokenizer(source))
-    written = checkpoint_tensor_bytes(args.pruned)
-    if written != base_bytes - dropped["bytes"]:
-        log.warning("checkpoint holds %d tensor bytes, expected %d", written, base_bytes - dropped["bytes"])
-    log.info("pruned model: %d -> %d layers, %d -> %d attention, %d -> %d MLP; %d -> %d parameters",
-             before["layers"], after["layers"], before["attention_layers"], after["attention_layers"],
-             before["mlp_layers"], after["mlp_layers"], before["params"], after["params"])
-    log.info("checkpoint tensors (%s) %.1f MB -> %.1f MB (-%.1f MB, -%.1f%%)", str(dtype).removeprefix("torch."),
-             base_bytes / 1e6, written / 1e6, dropped["bytes"] / 1e6, 100 * dropped["bytes"] / base_bytes)
+    model, stream_from = open_for_cut(source, config, dtype, params.model.stream)
+    cut = cut_and_save(model, plan, record[PLAN_ID], args.pruned, dtype=dtype, tokenizer=load_tokenizer(source),
+                       stream_from=stream_from)
 
     export = {"export": params.drop.export}
     if params.drop.export == "nemotron-nas":
@@ -85,14 +64,7 @@ def run(params, args) -> None:
         with atomic_dir(args.export) as tmp:
             write_json(tmp / "manifest.json", export)
 
-    result = {
-        **record,
-        "kept_layers": model.config.dropquant["kept_layers"],
-        "size": {"base_tensor_bytes": base_bytes, "pruned_tensor_bytes": written,
-                 "dropped_params": dropped["params"], "dropped_bytes": dropped["bytes"],
-                 "base_params": before["params"], "pruned_params": after["params"],
-                 "dtype": str(dtype).removeprefix("torch."), "streamed": streamed},
-    }
+    result = {**record, **cut}
     write_json(args.plan / "plan.json", result)  # last: its presence means the stage finished
     log.info("wrote %s and %s", args.plan / "plan.json", args.pruned)
 

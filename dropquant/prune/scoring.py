@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dropquant.model.layerwise import InMemoryStack, run_layers
+from dropquant.model.layerwise import InMemoryStack, StreamedStack, run_layers
 
 log = logging.getLogger(__name__)
 UNITS = ("attn", "mlp", "block")
@@ -140,3 +140,47 @@ def score_model(model, input_ids: torch.Tensor, batch_size: int = 4, metric: str
                 spans: bool = True, progress: bool = True) -> dict:
     """Importance of every unit of a loaded Llama-style model."""
     return score_stack(InMemoryStack(model), input_ids, batch_size, metric, spans, progress)
+
+
+# --- the score stage's artifact, shared with dropquant.score ------------------------------------------------
+
+def scores_file(stack, input_ids: torch.Tensor, *, identity: dict, calibration_sha256: Optional[str], dtype,
+                batch_size: int, metric: str, name: str, progress: bool = True) -> dict:
+    """What the score stage writes as scores.json: the model and tokens it came from, and every unit's scores."""
+    stage_log = logging.getLogger("dropquant.score")  # the stage's log lines, wherever they are made
+    stage_log.info("scoring %s on %d tokens in %s", name, input_ids.numel(), str(dtype).removeprefix("torch."))
+    scores = score_stack(stack, input_ids, batch_size, metric, progress=progress)
+    result = {"model": identity, "calibration": {"sha256": calibration_sha256},
+              "dtype": str(dtype).removeprefix("torch."), "streamed": isinstance(stack, StreamedStack), **scores}
+    imp = scores["importance"]
+    for unit in UNITS:
+        stage_log.info("mean %s importance %.4f", unit, sum(imp[unit]) / len(imp[unit]))
+    return result
+
+
+def importance_title(name: str, metric: str, n_tokens: int) -> str:
+    return f"{name}: importance ({metric}), {n_tokens} tokens"
+
+
+def importance_csv(importance: dict) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "attn", "mlp", "block"])
+    for i, row in enumerate(zip(importance["attn"], importance["mlp"], importance["block"])):
+        w.writerow([i, *(f"{v:.6f}" for v in row)])
+    return buf.getvalue()
+
+
+def write_scores(out: Path, result: dict, title: str) -> None:
+    """The score stage's folder: heatmap.png, importance.csv, and scores.json last (its presence means done)."""
+    from dropquant.atomic import write_json, write_text
+    from dropquant.plots import importance_heatmap
+
+    out = Path(out)
+    imp = result["importance"]
+    importance_heatmap(imp, out / "heatmap.png", title)
+    write_text(out / "importance.csv", importance_csv(imp))
+    write_json(out / "scores.json", result)
