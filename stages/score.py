@@ -43,7 +43,9 @@ def run(params, args) -> None:
     for unit in ("attn", "mlp", "block"):
         log.info("mean %s importance %.4f", unit, sum(imp[unit]) / len(imp[unit]))
     out = args.out
-    importance_heatmap(imp, out / "heatmap.png", f"{source.spec}: importance ({params.score.metric}), "
+    from dropquant.naming import model_name
+
+    importance_heatmap(imp, out / "heatmap.png", f"{model_name(source.spec)}: importance ({params.score.metric}), "
                                                 f"{input_ids.numel()} tokens")
     write_text(out / "importance.csv", importance_csv(imp))
     write_json(out / "scores.json", result)  # last: its presence means the stage finished
