@@ -69,8 +69,9 @@ def _fidelity(m: dict) -> list[str]:
         out.append(_line("top-1 agreement", "100%", f"{100 * m['top1_agree']:.1f}%"))
     h = m.get("heal_kl") or {}
     if h.get("recovered") is not None:
-        out.append(_line("KL recovered by the heal", "", f"{100 * h['recovered']:.0f}%",
-                         f"held-out calibration, {h.get('tokens')} tokens: {h['unhealed']:.3f} -> {h['healed']:.3f}"))
+        # On the heal's held-out calibration tokens, before quantization (dropquant/heal/recovered.py).
+        out.append(_line("held-out KL, unhealed → healed", "", f"{h['unhealed']:.3f} → {h['healed']:.3f}",
+                         f"{100 * h['recovered']:.0f}% recovered ({h.get('tokens')} tokens)"))
     return out
 
 

@@ -138,3 +138,64 @@ def test_plot_without_accuracy_still_renders(tmp_path):
     rows = [{"name": "a", "method": "attn", "n": 1, "quant_type": "Q8_0", "avg": None, "speedup": None,
              "size_mb": 8.6}]
     assert write_report(tmp_path / "r", rows)["pareto.png"].stat().st_size > 1000
+
+
+# --- `dropquant report`: one variant on one screen -------------------------------------------------------------
+
+def _full_metrics(speed=None, chat=None):
+    from dropquant.evaluation.metrics import build_metrics
+
+    acc = lambda ps: {"tasks": {t: {"acc": p, "acc_norm": p, "n": 100} for t, p in ps.items()}}  # noqa: E731
+    m = build_metrics(method="attn", n=8, quant_type="Q8_0", tasks=["arc_easy", "hellaswag", "piqa"],
+                      accuracy=acc({"arc_easy": 0.37, "hellaswag": 0.33, "piqa": 0.66}),
+                      base_accuracy=acc({"arc_easy": 0.45, "hellaswag": 0.34, "piqa": 0.71}),
+                      fidelity={"ppl": 40.06, "base_ppl": 24.48, "kld": 0.511, "kld_median": 0.42, "kld_p99": 2.0,
+                                "top1_agree": 0.604, "fidelity_tokens": 2040},
+                      speed=speed, chat=chat, variant_bytes=137_270_000, base_bytes=144_800_000)
+    m["heal_kl"] = None
+    return m
+
+
+def test_summary_fits_one_screen_hides_what_was_not_measured_and_ends_with_a_verdict():
+    from dropquant.summary import WIDTH, render
+
+    plan = {"attn": [6, 7, 9], "mlp": [], "blocks": [], "num_layers": 30}
+    text = render(_full_metrics(), None, plan, {"eval": {"speed": False, "chat": {"tasks": []}}}, "SmolLM2")
+    lines = text.splitlines()
+    assert len(lines) <= 40 and all(len(line) <= WIDTH for line in lines[:-1])
+    assert "None" not in text and "null" not in text
+    assert lines[0] == "attn-8 Q8_0 against the unpruned model at Q8_0 · SmolLM2"
+    assert "dropped: attention [6, 7, 9] of 30 layers" in text
+    # Base beside variant, Δ with its standard error; accuracy per task with its se and item count.
+    assert any(line.startswith("  arc_easy (100)") and "0.450 ± 0.050" in line and "0.370 ± 0.049" in line
+               and "-0.080 ± 0.070" in line for line in lines)
+    assert any(line.startswith("  average (300)") for line in lines)
+    assert any(line.startswith("  GGUF file (MB)") and "144.8" in line and "137.3" in line for line in lines)
+    assert lines[-2] == "not measured: speed and memory (eval.speed=false); chat (eval.chat.tasks=[])"
+    assert "speed (llama.cpp" not in text and "\nchat (" not in text
+    assert lines[-1] == "attn-8 Q8_0: −4.7 ± 3.9 points accuracy (n=300), KLD 0.51, 95% of the size"
+
+
+def test_summary_reports_the_kl_a_heal_recovered():
+    from dropquant.summary import render
+
+    m = {**_full_metrics(), "heal": "linear", "heal_kl": {"tokens": 2048, "unhealed": 0.4, "healed": 0.1,
+                                                          "recovered": 0.75}}
+    text = render(m)
+    assert any(line.startswith("  held-out KL, unhealed → healed") and "0.400 → 0.100" in line
+               and line.endswith("75% recovered (2048 tokens)") for line in text.splitlines())
+    assert text.splitlines()[-1].startswith("attn-8 Q8_0 healed (linear): −4.7 ± 3.9 points accuracy (n=300), "
+                                            "KLD 0.51, 75% of the KL recovered by the heal")
+
+
+def test_report_stage_prints_the_summary(tmp_path, capsys):
+    from stages.report import main
+
+    m = _full_metrics()
+    (tmp_path / "metrics.json").write_text(json.dumps({"avg": m["avg"]}))
+    (tmp_path / "details.json").write_text(json.dumps({"metrics": m, "plan": {"attn": [1], "model": {
+        "source": "embedded"}}}))
+    assert main(["--metrics", str(tmp_path / "metrics.json"), "--details", str(tmp_path / "details.json")]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in out.splitlines()[0] and out.splitlines()[-1].startswith("attn-8 Q8_0: −4.7")
+    assert len(out.splitlines()) <= 40
