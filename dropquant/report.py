@@ -92,6 +92,8 @@ def _row(entry: dict, metrics_file: str) -> dict:
         "error": (entry.get("error") or {}).get("msg") if isinstance(entry.get("error"), dict) else entry.get("error"),
         "note": STALE if stale else None,
     }
+    if avg_se is None and row["avg_delta_se"] is not None:
+        avg_se = row["avg_delta_se"] / 2 ** 0.5  # one evaluation's standard error, at the base's accuracy
     row["acc_cell"] = _pm(avg, avg_se, ".3f", n_items)
     row["delta_cell"] = _pm(row["avg_delta"], row["avg_delta_se"], ".3f", signed=True)
     row["speedup_cell"], row["speedup_pp_cell"] = _x(row["speedup"], noisy), _x(row["speedup_pp"], noisy)
@@ -212,9 +214,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-READING = ("Accuracy: the average over tasks (acc_norm where defined, else acc) ± its binomial standard error, with "
-           "the items each model answered; Δ ± the standard error of a difference at the base's accuracy (unpaired, "
-           "so conservative). A Δ within about two standard errors is noise. Speed-ups are against the unpruned "
+READING = ("Accuracy: the average over tasks (acc_norm where defined, else acc) ± the binomial standard error of one "
+           "evaluation of these items (at the base's accuracy), with the items each model answered; Δ ± the standard "
+           "error of a difference of two (unpaired, so conservative). A Δ within about two standard errors is noise. Speed-ups are against the unpruned "
            "model at the same quant type, measured side by side.")
 
 

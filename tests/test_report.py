@@ -56,7 +56,7 @@ def test_markdown_table_has_a_base_row_standard_errors_and_item_counts():
     # The unpruned model first: its accuracy with its own standard error (Δ's over √2), size, KV cache, chat.
     assert lines[2] == ("| unpruned (base) | none | 0 | Q8_0 | none | 0.500 ± 0.029 (300) | — | 1× | 1× | 144.8 | 90 | "
                         "10.00 | 0.0000 | 1.000 | 0.125 | 0.000 | 12% | – |")
-    assert lines[3] == ("| attn-4-Q8_0 | attn | 4 | Q8_0 | none | 0.470 (300) | -0.030 ± 0.041 | 1.25× | 9.90× | 121.0 | "
+    assert lines[3] == ("| attn-4-Q8_0 | attn | 4 | Q8_0 | none | 0.470 ± 0.029 (300) | -0.030 ± 0.041 | 1.25× | 9.90× | 121.0 | "
                         "66 | 12.50 | 0.0100 | 0.900 | 0.250 | 0.000 | 50% | – |")
     assert lines[4] == "| x | mlp | 8 | Q4_K_M | – | – | – | – | – | – | – | – | – | – | – | – | – | – |"
 
