@@ -14,22 +14,24 @@ from typing import Any, Iterable, Optional
 from .atomic import atomic_dir, write_json, write_text
 
 METRICS_FILE = "data/eval/metrics.json"
-ACCURACY = "avg"
-# Generation speed after a long prompt is what a chat user feels; prompt speed is the fallback.
-SPEEDUPS = ("speedup_tg", "speedup_pp")
-SIZE = "size_mb"
 MARKERS = {"none": "*", "attn": "o", "mlp": "s", "block": "^", "joint": "D"}
-COLUMNS = (  # (header, row key, format)
+COLUMNS = (  # (header, row key, format); a column no row has a value for is left out, and a note says why
     ("experiment", "name", "{}"), ("method", "method", "{}"), ("n", "n", "{}"), ("quant", "quant_type", "{}"),
     ("heal", "heal", "{}"),
-    ("avg acc", "avg", "{:.4f}"), ("Δ acc", "avg_delta", "{:+.4f}"), ("tg speed-up", "speedup", "{:.3f}×"),
-    ("pp speed-up", "speedup_pp", "{:.3f}×"), ("speed noisy", "speed_noisy", "{}"),
-    ("size MB", "size_mb", "{:.1f}"), ("ppl", "ppl", "{:.3f}"), ("KLD", "kld", "{:.4f}"),
-    ("top-1 agree", "top1_agree", "{:.3f}"), ("IFEval prompt strict", "ifeval", "{:.3f}"),
-    ("GSM8K strict", "gsm8k", "{:.3f}"), ("MT-Bench KLD", "mt_kld", "{:.3f}"), ("MT-Bench ROUGE-L", "mt_rouge", "{:.3f}"),
-    ("MT-Bench loops", "mt_loops", "{:.3f}"), ("note", "note", "{}"),
+    ("avg acc ± se (items)", "acc_cell", "{}"), ("Δ acc ± se", "delta_cell", "{}"),
+    ("tg speed-up", "speedup_cell", "{}"), ("pp speed-up", "speedup_pp_cell", "{}"),
+    ("size MB", "size_mb", "{:.1f}"), ("KV MiB", "kv_mib", "{:.0f}"), ("ppl", "ppl", "{:.2f}"), ("KLD", "kld", "{:.4f}"),
+    ("KLD vs source", "kld_source", "{:.4f}"), ("top-1 agree", "top1_agree", "{:.3f}"),
+    ("KL recovered", "kld_recovered", "{:.0%}"),
+    ("IFEval prompt strict", "ifeval", "{:.3f}"), ("GSM8K strict", "gsm8k", "{:.3f}"),
+    ("MT-Bench loops", "mt_loops", "{:.0%}"), ("note", "note", "{}"),
 )
+ALWAYS = {"name", "method", "n", "quant_type", "heal", "acc_cell", "delta_cell", "size_mb", "note"}
 STALE = "metrics.json was measured for other parameters (evaluate did not run for this variant): not shown"
+BASE_NAME = "unpruned (base)"
+# Stage inputs only the evaluate stage reads: their hash in its dvc.lock record equals the producing stage's output
+# hash unless evaluate did not run after them (a partial `dvc exp run ... quantize`).
+EVALUATE_INPUTS = ("data/gguf", "data/baseline/eval")
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -40,45 +42,127 @@ def _get(d: Any, *path: str) -> Any:
     return d
 
 
+def _first(metrics: dict, *keys: str) -> Any:
+    """The first of `keys` present: metrics.json's short names, then the names of older metrics files."""
+    return next((metrics[k] for k in keys if metrics.get(k) is not None), None)
+
+
+def _pm(value, se, fmt: str, n=None, signed=False) -> Optional[str]:
+    if value is None:
+        return None
+    cell = (f"{value:+{fmt}}" if signed else f"{value:{fmt}}") + ("" if se is None else f" ± {se:{fmt}}")
+    return cell + ("" if n is None else f" ({n})")
+
+
+def _x(value, noisy) -> Optional[str]:
+    return None if value is None else f"{value:.2f}×" + (" (noisy)" if noisy else "")
+
+
 def _row(entry: dict, metrics_file: str) -> dict:
     data = entry.get("data") or {}
     params = _get(data, "params", "params.yaml", "data") or {}
     metrics = _get(data, "metrics", metrics_file, "data") or {}
-    stale = bool(metrics) and not measured_with(metrics, params)
+    stale = bool(metrics) and not measured_with(metrics, params, data)
     if stale:
         metrics = {}
-    speedup = next((metrics.get(k) for k in SPEEDUPS if metrics.get(k) is not None), None)
-    return {
+    m = lambda *keys: _first(metrics, *keys)  # noqa: E731
+    noisy = m("speed_noisy")
+    avg, avg_se, n_items = m("avg"), m("avg_se"), m("avg_n")
+    row = {
         "name": entry.get("name") or (entry.get("rev") or "")[:7],
         "rev": entry.get("rev"),
-        "method": metrics.get("method", _get(params, "drop", "method")),
-        "n": metrics.get("n", _get(params, "drop", "n")),
-        "quant_type": metrics.get("quant_type", _get(params, "quantize", "type")),
-        "heal": metrics.get("heal", _get(params, "heal", "method") or "none"),
-        "avg": metrics.get(ACCURACY), "base_avg": metrics.get("base_avg"), "avg_delta": metrics.get("avg_delta"),
-        "speedup": speedup, "speedup_pp": metrics.get("speedup_pp"), "size_mb": metrics.get(SIZE), "ppl": metrics.get("ppl"), "kld": metrics.get("kld"),
-        "kld_source": metrics.get("kld_source"),
-        "speed_noisy": {True: "yes", False: "no"}.get(metrics.get("speed_noisy")),  # the speed-ups' rounds disagreed
-        "top1_agree": metrics.get("top1_agree"), "has_metrics": bool(metrics),
-        "ifeval": _get(metrics, "chat", "ifeval", "prompt_strict"), "gsm8k": _get(metrics, "chat", "gsm8k", "strict"),
-        "mt_kld": _get(metrics, "chat", "mt_bench", "kld"), "mt_rouge": _get(metrics, "chat", "mt_bench", "rougeL"),
-        "mt_loops": _get(metrics, "chat", "mt_bench", "loop_rate"),
+        "method": m("method") or _get(params, "drop", "method"),
+        "n": m("n") if m("n") is not None else _get(params, "drop", "n"),
+        "quant_type": m("quant_type") or _get(params, "quantize", "type"),
+        "heal": m("heal") or _get(params, "heal", "method") or "none",
+        "avg": avg, "base_avg": m("base_avg"), "avg_delta": m("avg_delta"), "avg_delta_se": m("avg_delta_se"),
+        "avg_n": n_items,
+        "speedup": m("tg_x", "speedup_tg", "speedup_pp"), "speedup_pp": m("pp_x", "speedup_pp"),
+        "size_mb": m("size_mb"), "base_size_mb": m("base_size_mb"), "ppl": m("ppl"), "base_ppl": m("base_ppl"),
+        "kld": m("kld"), "kld_source": m("kld_source"), "kld_recovered": m("kld_recovered"),
+        "kv_mib": m("kv_mib", "kv_cache_mib"), "base_kv_mib": m("base_kv_mib", "base_kv_cache_mib"),
+        "speed_noisy": {True: "yes", False: "no"}.get(noisy),  # the speed-ups' rounds disagreed
+        "top1_agree": m("top1", "top1_agree"), "has_metrics": bool(metrics),
+        "ifeval": m("ifeval") if "ifeval" in metrics else _get(metrics, "chat", "ifeval", "prompt_strict"),
+        "base_ifeval": m("base_ifeval"), "base_gsm8k": m("base_gsm8k"), "base_loops": m("base_loops"),
+        "gsm8k": m("gsm8k") if "gsm8k" in metrics else _get(metrics, "chat", "gsm8k", "strict"),
+        "mt_loops": m("loops") if "loops" in metrics else _get(metrics, "chat", "mt_bench", "loop_rate"),
+        "params": {"speed": _get(params, "eval", "speed"), "chat": _get(params, "eval", "chat", "tasks"),
+                   "source_kld": _get(params, "eval", "source_kld")},
         "error": (entry.get("error") or {}).get("msg") if isinstance(entry.get("error"), dict) else entry.get("error"),
         "note": STALE if stale else None,
     }
+    if avg_se is None and row["avg_delta_se"] is not None:
+        avg_se = row["avg_delta_se"] / 2 ** 0.5  # one evaluation's standard error, at the base's accuracy
+    row["acc_cell"] = _pm(avg, avg_se, ".3f", n_items)
+    row["delta_cell"] = _pm(row["avg_delta"], row["avg_delta_se"], ".3f", signed=True)
+    row["speedup_cell"], row["speedup_pp_cell"] = _x(row["speedup"], noisy), _x(row["speedup_pp"], noisy)
+    return row
 
 
-def measured_with(metrics: dict, params: dict) -> bool:
-    """Whether the metrics were measured with exactly these parameters. A partial run (`dvc exp run ... quantize`)
-    carries the previous variant's metrics.json along; its recorded params digest then differs."""
+def base_row(rows: list[dict]) -> Optional[dict]:
+    """The unpruned model at the variants' quant type, from the figures every variant's metrics carry about it
+    (the first variant that has them; one row per quant type)."""
+    out = []
+    for qt in dict.fromkeys(r.get("quant_type") for r in rows):
+        r = next((r for r in rows if r.get("quant_type") == qt and r.get("base_avg") is not None
+                  or r.get("quant_type") == qt and r.get("base_size_mb") is not None), None)
+        if r is None:
+            continue
+        se = None if r.get("avg_delta_se") is None else r["avg_delta_se"] / 2 ** 0.5
+        measured = r.get("speedup") is not None
+        out.append({"name": BASE_NAME, "method": "none", "n": 0, "quant_type": qt, "heal": "none",
+                    "avg": r.get("base_avg"), "acc_cell": _pm(r.get("base_avg"), se, ".3f", r.get("avg_n")),
+                    "delta_cell": "—", "speedup": 1.0 if measured else None,
+                    "speedup_cell": "1×" if measured else None, "speedup_pp_cell": "1×" if measured else None,
+                    "size_mb": r.get("base_size_mb"), "kv_mib": r.get("base_kv_mib"), "ppl": r.get("base_ppl"),
+                    "kld": 0.0 if r.get("kld") is not None else None, "top1_agree": 1.0 if r.get("top1_agree") else None,
+                    "ifeval": r.get("base_ifeval"), "gsm8k": r.get("base_gsm8k"), "mt_loops": r.get("base_loops"),
+                    "is_base": True, "has_metrics": True})
+    return out or None
+
+
+def not_measured(rows: list[dict]) -> list[str]:
+    """One line per figure no variant has, with the setting that turned it off where the parameters say."""
+    measured = [r for r in rows if r.get("has_metrics") and not r.get("is_base")]
+    if not measured:
+        return []
+    setting = lambda key: {r["params"].get(key) if isinstance(r["params"].get(key), (bool, type(None)))  # noqa: E731
+                           else tuple(r["params"][key]) for r in measured if r.get("params")}
+    out = []
+    if all(r.get("speedup") is None for r in measured):
+        why = " (eval.speed: false)" if setting("speed") == {False} else ""
+        out.append(f"Speed and KV cache not measured{why}: no speed-up columns, no speed panel.")
+    if all(r.get("mt_loops") is None and r.get("ifeval") is None for r in measured):
+        why = " (eval.chat.tasks: [])" if setting("chat") == {()} else ""
+        out.append(f"Chat quality (IFEval, GSM8K, MT-Bench) not measured{why}.")
+    if all(r.get("avg") is None for r in measured):
+        out.append("Accuracy not measured (no task data: eval.tasks, eval.data_dir).")
+    return out
+
+
+def measured_with(metrics: dict, params: dict, data: Optional[dict] = None) -> bool:
+    """Whether the metrics were measured for this experiment. A partial run (`dvc exp run ... quantize`) carries
+    the previous variant's metrics.json along: the evaluate stage's recorded inputs then differ from what the
+    stages before it made (DVC's own records: deps and outs of `dvc exp show --json`). Metrics written before
+    metrics.json was curated carry a digest of the parameters they were measured with instead."""
     from .artifacts import params_digest
     from .errors import DropquantError
 
     recorded = _get(metrics, "variant", "params")
-    try:
-        return recorded is not None and recorded == params_digest(params)
-    except DropquantError:  # parameters of another schema: nothing to compare with
+    if recorded is not None:
+        try:
+            return recorded == params_digest(params)
+        except DropquantError:  # parameters of another schema: nothing to compare with
+            return False
+    if "avg_n" not in metrics and "pp_x" not in metrics:  # an old metrics file without its digest
         return False
+    deps, outs = (data or {}).get("deps") or {}, (data or {}).get("outs") or {}
+    for path in EVALUATE_INPUTS:
+        used, made = _get(deps, path, "hash"), _get(outs, path, "hash")
+        if used is not None and made is not None and used != made:
+            return False
+    return True
 
 
 def rows_from_exp_show(exp_show: list, names: Optional[Iterable[str]] = None,
@@ -112,8 +196,15 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return str(value)
 
 
+def _columns(rows: list[dict]):
+    return [c for c in COLUMNS if c[1] in ALWAYS or any(r.get(c[1]) is not None for r in rows)]
+
+
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    return [h for h, _, _ in COLUMNS], [[_cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
+    """Header and cells, the base row(s) first; columns no row has a value for are left out."""
+    rows = [*(base_row(rows) or []), *rows]
+    cols = _columns(rows)
+    return [h for h, _, _ in cols], [[_cell(r, k, f) for _, k, f in cols] for r in rows]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -121,6 +212,12 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
+
+
+READING = ("Accuracy: the average over tasks (acc_norm where defined, else acc) ± the binomial standard error of one "
+           "evaluation of these items (at the base's accuracy), with the items each model answered; Δ ± the standard "
+           "error of a difference of two (unpaired, so conservative). A Δ within about two standard errors is noise. Speed-ups are against the unpruned "
+           "model at the same quant type, measured side by side.")
 
 
 def pareto_front(points: list[tuple[float, float]], maximize_x: bool = True) -> list[tuple[float, float]]:
@@ -136,44 +233,65 @@ def pareto_front(points: list[tuple[float, float]], maximize_x: bool = True) -> 
     return sorted(set(front))
 
 
+def _label(r: dict) -> str:
+    heal = "" if (r.get("heal") or "none") == "none" else f" +{r['heal']}"
+    return f"{r['method']}-{r['n']} {r['quant_type']}{heal}"
+
+
 def pareto_png(rows: list[dict], title: str = "") -> bytes:
-    """Average accuracy against speed-up (left) and file size (right), one marker per method, Pareto front dashed."""
+    from .plots import pyplot
+
+    fig = pareto_figure(rows, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def pareto_figure(rows: list[dict], title: str = ""):
+    """Average accuracy against speed-up (left, only when speed was measured) and file size (right), one marker
+    per method with its standard error, the unpruned model as a black star, the Pareto front dashed."""
     from .plots import pyplot
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    panels = ((axes[0], "speedup", "generation speed-up vs. unpruned (×)", True),
-              (axes[1], "size_mb", "GGUF file size (MB)", False))
-    for ax, key, label, maximize in panels:
+    bases = base_row(rows) or []
+    panels = [("size_mb", "GGUF file size (MB)", False, "base_size_mb")]
+    if any(r.get("speedup") is not None and r.get("avg") is not None for r in rows):
+        panels.insert(0, ("speedup", "generation speed-up vs. unpruned (×)", True, None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.6), squeeze=False)
+    for ax, (key, label, maximize, base_key) in zip(axes[0], panels):
         pts = [r for r in rows if r.get("avg") is not None and r.get(key) is not None]
         for method in sorted({r["method"] for r in pts}, key=lambda m: list(MARKERS).index(m) if m in MARKERS else 99):
             mine = [r for r in pts if r["method"] == method]
-            ax.scatter([r[key] for r in mine], [r["avg"] for r in mine], marker=MARKERS.get(method, "x"), s=60,
-                       label=method, zorder=3)
+            ax.errorbar([r[key] for r in mine], [r["avg"] for r in mine],
+                        yerr=[(r.get("avg_delta_se") or 0) / 2 ** 0.5 for r in mine], fmt=MARKERS.get(method, "x"),
+                        ms=7, capsize=3, label=method, zorder=3)
             for r in mine:
-                ax.annotate(f"{r['n']} {r['quant_type']}", (r[key], r["avg"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
-        if key == "speedup":
-            base = next((r["base_avg"] for r in rows if r.get("base_avg") is not None), None)
-            if base is not None:
-                ax.scatter([1.0], [base], marker="*", s=160, color="black", label="unpruned", zorder=4)
+                ax.annotate(_label(r), (r[key], r["avg"]), textcoords="offset points", xytext=(5, 5), fontsize=7,
+                            annotation_clip=False)
+        for b in bases:
+            x = 1.0 if base_key is None else b.get("size_mb")
+            if b.get("avg") is not None and x is not None:
+                ax.scatter([x], [b["avg"]], marker="*", s=180, color="black", label=f"unpruned {b['quant_type']}",
+                           zorder=4)
+                ax.annotate(f"unpruned {b['quant_type']}", (x, b["avg"]), textcoords="offset points",
+                            xytext=(5, -11), fontsize=7, annotation_clip=False)
         front = pareto_front([(r[key], r["avg"]) for r in pts], maximize_x=maximize)
         if len(front) > 1:
             ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=2, label="Pareto front")
         if not pts:
-            ax.text(0.5, 0.5, f"no variant has both accuracy and {key}", ha="center", va="center",
-                    transform=ax.transAxes, color="grey")
+            # Above the axes, never across a marker.
+            ax.set_title("no variant has accuracy and " + ("a speed-up" if key == "speedup" else "a size"),
+                         fontsize=9, color="grey")
+        ax.margins(x=0.25, y=0.2)  # room for the labels right of the markers
         ax.set_xlabel(label)
-        ax.set_ylabel("average accuracy")
+        ax.set_ylabel("average accuracy (± se)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="best")
     fig.suptitle(title or "dropquant sweep: accuracy vs. speed and size")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def failures_markdown(failures: list[dict]) -> str:
@@ -234,6 +352,7 @@ def write_report(out_dir: str | Path, rows: list[dict], failures: list[dict] = (
     out_dir = Path(out_dir)
     failures, notes = list(failures), list(notes)
     png = pareto_png(rows, title)
+    notes = [*notes, *not_measured(rows), READING]
     md = f"# {title}\n\n" + "".join(f"{n}\n\n" for n in notes) + markdown_table(rows)
     md += "\n![accuracy vs. speed-up and size](pareto.png)\n" + failures_markdown(failures)
     with atomic_dir(out_dir) as tmp:

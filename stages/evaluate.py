@@ -18,8 +18,8 @@ from dropquant.errors import DropquantError
 from dropquant.evaluation.accuracy import evaluate_accuracy, make_lm
 from dropquant.evaluation.chat_eval import compare_chat, evaluate_chat
 from dropquant.evaluation.fidelity import Reference, build_reference, compare, heldout_text
-from dropquant.evaluation.metrics import build_metrics
-from dropquant.evaluation.plots import write_offline_template, write_plots
+from dropquant.evaluation.metrics import build_metrics, headline
+from dropquant.evaluation.plots import write_heatmap, write_offline_template, write_plots
 from dropquant.evaluation.speed import ab_compare
 from dropquant.evaluation.tasks import resolve_data_dir
 from dropquant.evaluation.transcripts import write_transcripts
@@ -31,6 +31,7 @@ BASE_GGUF = "data/baseline/gguf/model.gguf"
 PLAN = "data/drop/plan.json"
 BASE_EVAL = "data/baseline/eval"
 REFERENCE_GGUF = "data/reference/gguf/model.gguf"
+HEALED = "data/healed"
 OUT = "data/eval"
 
 
@@ -103,7 +104,19 @@ def check_inputs(params, args) -> dict:
     check_same(f"{variant_dir}/manifest.json", "heal method", heal, params.heal.method, hint)
     reference = check_reference(params, args, (variant.get("model") or {}).get("fingerprint"))
     return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"], "heal": heal,
-            "reference": reference}
+            "reference": reference, "heal_kl": heal_recovery(args, variant, heal)}
+
+
+def heal_recovery(args, variant: dict, heal: str) -> dict | None:
+    """The heal stage's held-out KL of the unhealed and the healed checkpoint (heal.json), for the heal that made
+    this GGUF; None for an unhealed variant or a heal record from before it was measured."""
+    if heal == "none":
+        return None
+    path = Path(args.healed) / "heal.json"
+    record = read_json(path, "heal record", "run the heal stage (dvc repro does)")
+    check_same(str(path), "heal_id", record.get("heal_id"), (variant.get("heal") or {}).get("heal_id"),
+               "the GGUF was quantized from another heal; re-run the quantize stage (dvc repro does)")
+    return record.get("heldout_kl")
 
 
 def check_reference(params, args, variant_model: str | None) -> dict | None:
@@ -155,10 +168,12 @@ def run_variant(params, args) -> None:
 
     metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
                             accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,
-                            variant_bytes=os.path.getsize(variant), chat=chat, heal=inputs["heal"])
+                            variant_bytes=os.path.getsize(variant), chat=chat, heal=inputs["heal"],
+                            base_bytes=os.path.getsize(base))
     if fidelity_source is not None:
         metrics["kld_source"] = fidelity_source["kld"]
         metrics["kld_source_stderr"] = fidelity_source["kld_stats"]["stderr"]
+    metrics["heal_kl"] = inputs["heal_kl"]
     # What these numbers measured: `dvc exp show` lists it, and a report refuses metrics of another variant.
     metrics["variant"] = {"plan_id": plan["plan_id"], "gguf_sha256": inputs["gguf_sha256"][:16],
                           "base_gguf_sha256": inputs["base_gguf_sha256"][:16],
@@ -167,16 +182,19 @@ def run_variant(params, args) -> None:
     label = f"{method}-{n} {params.quantize.type}" + ("" if inputs["heal"] == "none" else f" healed ({inputs['heal']})")
     with atomic_dir(out / "plots") as tmp:
         write_plots(tmp, accuracy, base_accuracy, speed, label)
+        write_heatmap(tmp / "heatmap.png", plan, f"{label}: red x = dropped")
         write_offline_template(tmp / "offline_template.html")
     mt = (chat or {}).get("mt_bench")
     with atomic_dir(out / "transcripts") as tmp:
         if mt is not None:
             write_transcripts(tmp, base_chat["mt_bench"], mt["conversations"], mt["teacher_forced"],
-                              e.chat.transcripts, label)
-    write_json(out / "details.json", {"accuracy": accuracy, "base_accuracy": base_accuracy, "fidelity": fidelity,
-                                      "fidelity_source": fidelity_source, "chat": chat, "speed": speed,
+                              e.chat.transcripts, label, summary=mt["summary"])
+    # details.json: every figure (`metrics`, which `dropquant report` and the plots read) and the raw sections.
+    write_json(out / "details.json", {"metrics": metrics, "accuracy": accuracy, "base_accuracy": base_accuracy,
+                                      "fidelity": fidelity, "fidelity_source": fidelity_source, "chat": chat,
+                                      "speed": speed, "heal_kl": inputs["heal_kl"], "plan": plan_summary(plan),
                                       "variant": str(variant), "base": str(base)})
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", headline(metrics))
     log.info("evaluate %s: avg %s (base %s), ppl %s (base %s), kld %s, top1 %s, speedup pp %s tg %s",
              label, metrics["avg"], metrics["base_avg"], metrics["ppl"], metrics["base_ppl"], metrics["kld"],
              metrics["top1_agree"], metrics["speedup_pp"], metrics["speedup_tg"])
@@ -185,6 +203,12 @@ def run_variant(params, args) -> None:
         log.info("chat %s: ifeval prompt-strict %s (base %s), gsm8k %s (base %s), mt_bench kld %s rougeL %s loops %s "
                  "(base %s)", label, ifeval["prompt_strict"], ifeval["prompt_strict_base"], gsm8k["strict"],
                  gsm8k["strict_base"], mt_m["kld"], mt_m["rougeL"], mt_m["loop_rate"], mt_m["base_loop_rate"])
+
+
+def plan_summary(plan: dict) -> dict:
+    """What the report says about the plan: the dropped units and the model, without its scores."""
+    return {k: plan.get(k) for k in ("method", "n", "selection", "attn", "mlp", "blocks", "num_layers", "plan_id",
+                                     "model")}
 
 
 def run(params, args) -> None:
@@ -200,6 +224,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--base-eval", default=BASE_EVAL, help=f"baseline evaluation folder (default {BASE_EVAL})")
     parser.add_argument("--reference-gguf", default=REFERENCE_GGUF,
                         help=f"unpruned GGUF in its own precision, for eval.source_kld (default {REFERENCE_GGUF})")
+    parser.add_argument("--healed", default=HEALED,
+                        help=f"heal stage output, for a healed variant's held-out KL (default {HEALED})")
     parser.add_argument("--out", default=OUT, help=f"output folder (default {OUT})")
 
 

@@ -190,9 +190,18 @@ def test_transcripts_page(tmp_path):
              "tokens": [[1, 2], [3]], "stops": ["eog", "budget"]}]
     variant = [{**base[0], "answers": ["", "loop"], "tokens": [[9], [5] * 40], "stops": ["eog", "budget"]}]
     tf = [{"question_id": 81, "turn": 1, "n": 2, "kl": 1.0}, {"question_id": 81, "turn": 2, "n": 1, "kl": 0.5}]
-    write_transcripts(tmp_path, base, variant, tf, 8, "attn-8 Q8_0")
+    summary = {"all": {"answers": 2, "kld": 0.8333, "kld_stderr": 0.1, "top1_agree": 0.5, "rougeL": 0.25,
+                       "loop_rate": 0.5, "base_loop_rate": 0.0, "truncated_rate": 0.5, "base_truncated_rate": 0.5,
+                       "empty_rate": 0.5, "base_empty_rate": 0.0}}
+    write_transcripts(tmp_path, base, variant, tf, 8, "attn-8 Q8_0", summary=summary)
     page = (tmp_path / "transcripts.html").read_text()
     md = (tmp_path / "transcripts.md").read_text()
+    # The page opens with the summary of every answer, then a link to each question, before any transcript.
+    body = page.split("<body>")[1]
+    assert body.index("Summary: every answer") < body.index("href='#q81'") < body.index("id='q81'")
+    assert "<td>answers ending in a loop</td><td>0%</td><td>50%</td>" in page
+    assert "<td>0.833 ± 0.100</td>" in page and "<td>0.250</td>" in page.split("ROUGE-L")[1][:80]
+    assert "| answers ending in a loop | 0% | 50% |" in md and "[Question 81 (writing)](#q81)" in md
     assert "Q1 &lt;b&gt;" in page and "<b>" not in page.split("<body>")[1].replace("<b>User", "")
     assert "[empty]" in page and "[loop]" in page and "[truncated]" in page and "KLD 0.500" in page
     assert "A1 \\| x" in md and "*(empty)*" in md and "| base | attn-8 Q8_0 |" in md

@@ -44,7 +44,7 @@ EXPENSIVE = {
     "make setup && . .venv/bin/activate": "installs the venv and builds llama.cpp",
     "dvc exp run -S model.source=Qwen/Qwen2.5-7B -S calibration.source=../shared/data/c4/train-sample.jsonl "
     "-S drop.method=attn -S drop.n=8 -S quantize.type=Q4_K_M": "downloads and prunes a 7B model",
-    "dvc exp show --only-changed": "needs experiments",
+    "dvc exp show --only-changed --drop data/": "needs experiments",
     "llama-cli -m data/gguf/model.gguf -cnv -fa on": "llama.cpp's CLI (not in the venv) on the pipeline's output",
     "dropquant drop -S drop.method=mlp -S drop.n=4": "a drop stage",
     "dropquant report": "needs the pipeline's outputs",

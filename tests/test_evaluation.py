@@ -210,18 +210,43 @@ def test_offline_hub_tasks_are_skipped_not_fatal(monkeypatch, caplog):
 def test_every_metric_key_present():
     from dropquant.evaluation.metrics import REQUIRED_KEYS, build_metrics
 
-    acc = {"tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.4}, "boolq": {"acc": 0.6, "acc_norm": None}}}
-    base = {"tasks": {"arc_easy": {"acc": 0.6, "acc_norm": 0.5}, "boolq": {"acc": 0.7, "acc_norm": None}}}
+    acc = {"tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.4, "n": 100}, "boolq": {"acc": 0.6, "acc_norm": None, "n": 100}}}
+    base = {"tasks": {"arc_easy": {"acc": 0.6, "acc_norm": 0.5, "n": 100}, "boolq": {"acc": 0.7, "acc_norm": None, "n": 100}}}
     # The speed keys with a measurement: tests/test_speed.py.
     m = build_metrics(method="attn", n=8, quant_type="Q4_K_M", tasks=["arc_easy", "boolq", "piqa"], accuracy=acc,
                       base_accuracy=base, fidelity={"ppl": 20.0, "base_ppl": 18.0, "kld": 0.1, "top1_agree": 0.9},
-                      speed=None, variant_bytes=50_000_000)
+                      speed=None, variant_bytes=50_000_000, base_bytes=60_000_000)
     assert all(k in m for k in REQUIRED_KEYS)
-    assert set(m["tasks"]) == {"arc_easy", "boolq", "piqa"}
-    assert all({"acc", "acc_norm"} <= set(t) for t in m["tasks"].values())
+    assert set(m["tasks"]) == {"arc_easy", "boolq"}  # piqa: neither model has it
+    assert all({"acc", "acc_norm", "score", "se", "n", "base_score", "base_se"} <= set(t) for t in m["tasks"].values())
     assert m["avg"] == pytest.approx((0.4 + 0.6) / 2) and m["base_avg"] == pytest.approx((0.5 + 0.7) / 2)
     assert m["speedup_pp"] is None and m["speed_noisy"] is None and m["kv_cache_mib"] is None
-    assert m["skipped_tasks"] == ["piqa"] and m["size_mb"] == 50.0
+    assert m["skipped_tasks"] == ["piqa"] and m["size_mb"] == 50.0 and m["base_size_mb"] == 60.0
+    # Binomial standard errors, as lm-eval's: sqrt(p (1 - p) / (n - 1)) per task, combined over the average.
+    assert m["tasks"]["arc_easy"]["se"] == pytest.approx((0.4 * 0.6 / 99) ** 0.5, abs=1e-4)
+    se = [(0.5 * 0.5 / 99) ** 0.5, (0.7 * 0.3 / 99) ** 0.5]
+    assert m["base_avg_se"] == pytest.approx((se[0] ** 2 + se[1] ** 2) ** 0.5 / 2, abs=1e-4)
+    assert m["avg_delta_se"] == pytest.approx(2 ** 0.5 * m["base_avg_se"], abs=1e-4) and m["avg_n"] == 200
+
+
+def test_metrics_json_is_the_curated_headline():
+    """metrics.json: about twenty figures under short names (each is a `dvc exp show` column), every other figure
+    in details.json; kld_source and kld_recovered only when measured."""
+    from dropquant.evaluation.metrics import HEADLINE, build_metrics, headline
+
+    acc = {"tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.41234, "n": 100}}}
+    full = build_metrics(method="attn", n=8, quant_type="Q8_0", tasks=["arc_easy"], accuracy=acc, base_accuracy=acc,
+                         fidelity={"ppl": 20.123, "base_ppl": 18.0, "kld": 0.0021312, "top1_agree": 0.91234},
+                         speed=None, variant_bytes=50_000_000, base_bytes=60_000_000)
+    m = headline(full)
+    assert list(m) == list(HEADLINE) and 15 <= len(m) <= 23
+    assert all(not isinstance(v, (dict, list)) for v in m.values())  # flat: one column each
+    assert (m["avg"], m["ppl"], m["kld"], m["top1"], m["size_mb"], m["base_size_mb"]) == (
+        0.412, 20.1, 0.00213, 0.912, 50.0, 60.0)
+    assert m["pp_x"] is None and m["loops"] is None  # not measured: null, and DVC hides a column of nulls
+    full.update(kld_source=0.123456, heal_kl={"unhealed": 0.4, "healed": 0.2, "recovered": 0.5})
+    m = headline(full)
+    assert m["kld_source"] == 0.123456 and m["kld_recovered"] == 0.5  # the search budgets on kld_source: unrounded
 
 
 def test_integration_two_local_tasks(embedded):

@@ -108,11 +108,14 @@ def test_sweep_makes_experiments_and_a_report(tiny_repo, prefect_harness, tmp_pa
     assert not {"attn-9-Q8_0", "mlp-9-Q8_0"} & set(exps)
     for name, method in (("attn-1-Q8_0", "attn"), ("mlp-1-Q8_0", "mlp")):
         metrics = exps[name]["data"]["metrics"]["data/eval/metrics.json"]["data"]
-        assert (metrics["method"], metrics["n"], metrics["quant_type"]) == (method, 1, "Q8_0")
-        assert metrics["size_mb"] > 0
+        assert metrics["size_mb"] > 0 and metrics["base_size_mb"] >= metrics["size_mb"]
+        assert "method" not in metrics  # a parameter, which `dvc exp show` lists already
+        params = exps[name]["data"]["params"]["params.yaml"]["data"]
+        assert (params["drop"]["method"], params["drop"]["n"]) == (method, 1)
 
     md = (out / "report.md").read_text()
     assert "| attn-1-Q8_0 | attn | 1 | Q8_0 |" in md and "| mlp-1-Q8_0 | mlp | 1 | Q8_0 |" in md
+    assert "| unpruned (base) | none | 0 | Q8_0 |" in md and "not measured (eval.speed: false)" in md
     assert "attn-9-Q8_0" in md and "drop.n=9 is larger than" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
@@ -187,8 +190,13 @@ def test_changing_heal_reruns_heal_and_what_follows_never_calibrate_score_or_dro
                "-S", "heal.holdout=1").stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
     assert {"heal", "quantize", "evaluate"} <= ran and not ran & {"calibrate", "score", "drop", "baseline"}, out
+    details = json.loads((tiny_repo / "data" / "eval" / "details.json").read_text())
+    assert details["metrics"]["heal"] == "linear"
+    # KL recovered: the unhealed and healed checkpoints on the same held-out tokens, the share in metrics.json.
+    heal_kl = details["metrics"]["heal_kl"]
+    assert heal_kl["unhealed"] > 0 and heal_kl["tokens"] > 0
     metrics = json.loads((tiny_repo / "data" / "eval" / "metrics.json").read_text())
-    assert metrics["heal"] == "linear"
+    assert metrics["kld_recovered"] == pytest.approx(heal_kl["recovered"], abs=1e-3)
     manifest = json.loads((tiny_repo / "data" / "gguf" / "manifest.json").read_text())
     assert manifest["heal"]["method"] == "linear"
     _dvc(tiny_repo, "exp", "apply", "attn-1-Q8_0")

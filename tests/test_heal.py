@@ -289,3 +289,22 @@ def test_heal_stage_skips_an_empty_plan_and_quantize_exports_it(tmp_path, monkey
     manifest = json.loads((tmp_path / "data" / "gguf" / "manifest.json").read_text())
     assert manifest["heal"]["method"] == "distill" and manifest["arch"] == "llama"
     assert not (tmp_path / "data" / "calibration").exists()
+
+
+def test_kl_recovered_is_measured_on_the_same_heldout_tokens(tmp_path):
+    """The heal record's held-out KL of the unhealed and the healed checkpoint, from which evaluate reports the
+    share recovered (README's heal table headline)."""
+    from dropquant.heal.recovered import heldout_recovery, recovered_share
+
+    base = make_tiny_llama(layers=6)
+    p = plan(attn=[0, 2], mlp=[1], blocks=[4], layers=6)
+    ids = _ids(n=8)
+    healed_dir, _ = _healed(base, p, tmp_path, ids[:6])
+    got = heldout_recovery(lambda: InMemoryStack(base), tmp_path / "pruned", healed_dir, ids[6:], topk=16)
+    assert got["tokens"] == 2 * 32 and got["samples"] == 2
+    # (A random model fitted on 6 samples need not generalise: only the bookkeeping is checked here.)
+    assert got["healed"] > 0 and got["unhealed"] > 0 and got["healed"] != got["unhealed"]
+    assert got["recovered"] == pytest.approx(recovered_share(got["unhealed"], got["healed"]), rel=1e-3)
+    same = heldout_recovery(lambda: InMemoryStack(base), tmp_path / "pruned", tmp_path / "pruned", ids[6:], topk=16)
+    assert same["recovered"] == pytest.approx(0.0, abs=1e-9)
+    assert recovered_share(0.0, 0.0) is None and recovered_share(0.4, 0.5) == pytest.approx(-0.25)

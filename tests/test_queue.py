@@ -23,7 +23,7 @@ from flow_helpers import build_tiny_repo, dvc, make_tiny_model
 GRID = ["-m", "attn", "mlp", "block", "-q", "Q8_0"]
 GOOD = ["attn-1-Q8_0", "mlp-1-Q8_0", "block-1-Q8_0"]
 BAD = ["attn-9-Q8_0", "mlp-9-Q8_0", "block-9-Q8_0"]  # impossible on 4 layers
-COMPARED = ("avg", "ppl", "kld", "top1_agree")
+COMPARED = ("avg", "ppl", "kld", "top1")
 
 
 # --- the workspace rule ---------------------------------------------------------------------------------------------

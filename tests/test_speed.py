@@ -153,7 +153,6 @@ def test_rounds_must_fit_under_the_cap():
 
 
 def test_plots_and_report_column(tmp_path):
-    from dropquant.artifacts import params_digest
     from dropquant.evaluation.plots import speed_rows, write_plots
     from dropquant.report import markdown_table, rows_from_exp_show
 
@@ -166,14 +165,19 @@ def test_plots_and_report_column(tmp_path):
     csv_lines = (tmp_path / "speed.csv").read_text().splitlines()
     assert csv_lines[0] == "test,variant,base,speedup,spread" and len(csv_lines) == 1 + len(rows)
     assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    from dropquant.evaluation.metrics import headline
+
     params = {"drop": {"method": "attn", "n": 8}}
-    metrics = {**m, "speed_noisy": True, "variant": {"params": params_digest(params)}}  # measured with these params
+    full = build_metrics(method="attn", n=8, quant_type="Q8_0", tasks=[], accuracy={"tasks": {}},
+                         base_accuracy={"tasks": {}}, fidelity=None, speed=speed, variant_bytes=10**6,
+                         base_bytes=2 * 10**6)
+    metrics = {**headline(full), "speed_noisy": True}
     entry = {"name": "attn-8", "rev": "abc", "data": {"params": {"params.yaml": {"data": params}},
                                                       "metrics": {"data/eval/metrics.json": {"data": metrics}}}}
     table = markdown_table(rows_from_exp_show([{"experiments": [{"revs": [entry]}]}]))
-    head, _, row = table.splitlines()[:3]
+    head, _, _base, row = table.splitlines()[:4]
     cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")]))
-    assert cells["speed noisy"] == "yes" and cells["tg speed-up"] == f"{TRUE_RATIO:.3f}×"
+    assert cells["tg speed-up"] == f"{TRUE_RATIO:.2f}× (noisy)" and cells["KV MiB"] == "45"
 
 
 # --- the real measurement ----------------------------------------------------------------------------------

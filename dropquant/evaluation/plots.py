@@ -76,6 +76,31 @@ def write_plots(out_dir: Path, accuracy: dict, base_accuracy: dict, speed: dict 
              "tokens/s")
 
 
+def write_heatmap(path: Path, plan: dict, label: str) -> None:
+    """The importance heatmap the plan was chosen from, titled with the model's name, its dropped units marked."""
+    from ..naming import model_name
+    from ..plots import importance_heatmap, plan_units, pyplot
+
+    source = (plan.get("model") or {}).get("source") or "model"
+    try:
+        name = model_name(source)
+    except Exception:  # a title is never worth failing the stage over (a moved model folder, say)
+        name = source
+    scores = plan.get("scores") or {}
+    importance = scores.get("importance")
+    if importance:
+        importance_heatmap(importance, path, f"{name}: importance ({scores.get('metric')}), {label}",
+                           dropped=plan_units(plan))
+        return
+    plt = pyplot()  # an explicit plan (drop.layers) was chosen without scores: say so in the declared output
+    fig, ax = plt.subplots(figsize=(6, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{name}, {label}: no importance scores (explicit drop.layers)", ha="center", va="center")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def offline_template() -> str:
     scripts = "\n".join(f"<script>{(VEGA_DIR / name).read_text(encoding='utf-8')}</script>"
                         for name in ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js"))

@@ -132,4 +132,12 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
             shutil.rmtree(student_dir)
     if checkpoint.is_dir():
         record["checkpoint"] = checkpoint.name
+        from dropquant.heal.recovered import heldout_recovery
+
+        # The healed checkpoint's KL beside the plain drop's, on the same held-out tokens: the share recovered.
+        record["heldout_kl"] = heldout_recovery(open_base, pruned_dir, checkpoint, holdout, hp.topk, device,
+                                                batch_size)
+        log.info("held-out KL from the base: %.4f unhealed, %.4f healed (%.0f%% recovered)",
+                 record["heldout_kl"]["unhealed"], record["heldout_kl"]["healed"],
+                 100 * (record["heldout_kl"]["recovered"] or 0))
     return record

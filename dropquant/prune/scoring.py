@@ -158,8 +158,11 @@ def scores_file(stack, input_ids: torch.Tensor, *, identity: dict, calibration_s
     return result
 
 
-def importance_title(name: str, metric: str, n_tokens: int) -> str:
-    return f"{name}: importance ({metric}), {n_tokens} tokens"
+def importance_title(source: str, metric: str, n_tokens: int) -> str:
+    """The heatmap's title, naming the model as a person would (not "embedded")."""
+    from dropquant.naming import model_name
+
+    return f"{model_name(str(source))}: importance ({metric}), {n_tokens} tokens"
 
 
 def importance_csv(importance: dict) -> str:
