@@ -9,19 +9,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import DropquantError
+from .gguf.quantize import QUANT_TYPES
+from .gguf.mix import DEFAULT_MIX_TYPES, MIX_BY, check_mix_types, parse_target
 
 DROP_METHODS = ("none", "attn", "mlp", "block", "joint")
 SELECTIONS = ("importance", "random", "reverse", "contiguous")
 SCORE_METRICS = ("cosine", "angular")
 FIDELITY_CHUNK = 512
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# llama.cpp's file types, as its quantize tool names them.
-QUANT_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
-    "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S",
-    "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS",
-    "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
-)
 EVAL_TASKS = (
     "arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande",
 )
@@ -102,8 +97,36 @@ class DropParams(_Section):
 
 
 class QuantizeParams(_Section):
-    type: Literal[QUANT_TYPES] = "Q8_0"
+    type: Literal[QUANT_TYPES + ("mix",)] = "Q8_0"
     imatrix: bool = False
+    # type: mix (dropquant/gguf/mix.py): a type per tensor, to this size ("93.5MB", MB = 10^6 bytes) or "4.6bpw".
+    target: Optional[str] = None
+    mix_types: list[str] = list(DEFAULT_MIX_TYPES)
+    mix_by: Literal[MIX_BY] = "sensitivity"
+    mix_tokens: int = Field(1024, ge=16)  # calibration tokens of the sensitivity pass
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v):
+        if v is not None:
+            parse_target(v)
+        return v
+
+    @field_validator("mix_types")
+    @classmethod
+    def _mix_types(cls, v):
+        check_mix_types(v, imatrix=True)  # names here; the importance matrix below, with the whole section
+        return v
+
+    @model_validator(mode="after")
+    def _mix(self):
+        if self.type == "mix":
+            if self.target is None:
+                raise ValueError("quantize.type=mix needs quantize.target (a size such as '93.5MB' or '4.6bpw')")
+            check_mix_types(self.mix_types, self.imatrix)
+        elif self.target is not None:
+            raise ValueError(f"quantize.target is read only with quantize.type=mix (type is {self.type})")
+        return self
 
 
 HEAL_METHODS = ("none", "linear", "distill", "linear+distill")

@@ -62,3 +62,39 @@ def plan_units(plan: dict) -> dict[str, list[int]]:
     """The units a drop plan (plan.json) removed, keyed as the heatmap's rows."""
     return {"attn": list(plan.get("attn") or []), "mlp": list(plan.get("mlp") or []),
             "block": list(plan.get("blocks") or [])}
+
+
+def mix_heatmap(summary: dict, path: str | Path, title: str) -> None:
+    """A mixed GGUF's types: one row per tensor group, one column per GGUF block, coloured by bits per weight and
+    labelled with the type; the embedding and output types in the x label."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    from dropquant.gguf.mix import layer_grid
+
+    plt = pyplot()
+    groups, blocks, grid, other = layer_grid(summary)
+    bpw = {v["type"]: v["bpw"] for v in summary["tensors"].values()}
+    data = np.full((len(groups), max(blocks, 1)), np.nan)
+    for (g, b), t in grid.items():
+        data[groups.index(g), b] = bpw[t]
+    fig, ax = plt.subplots(figsize=(max(6, 0.42 * blocks + 2.5), 0.42 * len(groups) + 2.2))
+    # Grey: a tensor the block does not have (a dropped attention or MLP).
+    cmap = ListedColormap(plt.get_cmap("magma")(np.linspace(0.15, 0.95, 256))).with_extremes(bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap)
+    for (g, b), t in grid.items():
+        ax.text(b, groups.index(g), t.replace("_", "\n", 1) if len(t) > 4 else t, ha="center", va="center",
+                fontsize=5, color="white" if bpw[t] < np.nanmean(data) else "black")
+    ax.set_yticks(range(len(groups)), groups)
+    ax.set_xticks(range(blocks))
+    ax.tick_params(axis="x", labelsize=7)
+    extra = ", ".join(f"{k}: {v}" for k, v in sorted(other.items()))
+    ax.set_xlabel(f"GGUF block; grey = tensor not in the block" + (f"\n{extra}" if extra else ""))
+    ax.set_title(f"{title}\n{summary['target']} target: {summary['file_bytes'] / 1e6:.1f} MB, "
+                 f"{summary['bpw']:.2f} bpw, estimated KL {summary['estimated_kl']:.4f} ({summary['by']})",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, label="bits per weight")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata=PNG_METADATA)
+    plt.close(fig)

@@ -16,6 +16,7 @@ PRUNED = Path("data/pruned")
 PLAN = Path("data/drop/plan.json")
 HEALED = Path("data/healed")
 CALIBRATION = Path("data/calibration/tokens.safetensors")
+SCORES = Path("data/scores/scores.json")
 OUT = Path("data/gguf")
 BASELINE_OUT = Path("data/baseline/gguf")
 REFERENCE_OUT = Path("data/reference/gguf")
@@ -26,6 +27,7 @@ def run(params, args) -> None:
     from dropquant.atomic import atomic_dir, write_json
     from dropquant.errors import DropquantError
     from dropquant.model.families import check_gguf_expressible
+    from dropquant.naming import model_name
     from dropquant.gguf.export import export_checkpoint, export_model
     from dropquant.heal.apply import read_heal
     from dropquant.model.layerwise import InMemoryStack, checkpoint_stack, source_stack
@@ -40,9 +42,12 @@ def run(params, args) -> None:
             write_json(tmp / "manifest.json", {"requested": False, "reason": "eval.source_kld is false"})
         log.info("reference: not requested (eval.source_kld: false)")
         return
+    from dropquant.gguf.mix import MIX
+
     qtype = "source" if args.reference else params.quantize.type
-    if not args.reference:
+    if not args.reference and qtype != MIX:
         llama_ftype(qtype)
+    mix_by = params.quantize.mix_by if qtype == MIX and not args.reference else None
     if qtype in NEEDS_IMATRIX and not params.quantize.imatrix:
         raise DropquantError(f"quantize.type={qtype} needs an importance matrix: set quantize.imatrix: true")
     use_imatrix = params.quantize.imatrix and qtype not in UNQUANTIZED and not args.reference
@@ -52,7 +57,8 @@ def run(params, args) -> None:
     config = load_config(source)
     identity = model_identity(config, source)
     out = args.out or (REFERENCE_OUT if args.reference else BASELINE_OUT if args.baseline else OUT)
-    calibration = read_calibration(args.calibration, identity)[0] if use_imatrix else None
+    calibration = read_calibration(args.calibration, identity)[0] if use_imatrix or mix_by == "sensitivity" else None
+    importance = _importance(args.scores, identity, config.num_hidden_layers) if mix_by == "importance" else None
     dtype, device = resolve_dtype(params.model.dtype, source), resolve_device(params.model.device)
 
     heal_record = None
@@ -88,16 +94,19 @@ def run(params, args) -> None:
             info = export_model(model, intermediate, name=name, **tok)
         log.info("layout: %s", json.dumps({k: v for k, v in info.summary().items() if k != "source_layers"}))
 
+        def open_stack():
+            """The model the GGUF was exported from, layer by layer (streamed when it does not fit)."""
+            if model is not None:
+                return InMemoryStack(model)
+            if args.baseline:
+                return source_stack(source, dtype, device, params.model.stream)
+            return checkpoint_stack(directory, dtype, device, params.model.stream)
+
         imatrix_record = None
         means = None
         if use_imatrix:
             modules = module_gguf_names(info.tensor_names)
-            if model is not None:
-                stack = InMemoryStack(model)
-            elif args.baseline:
-                stack = source_stack(source, dtype, device, params.model.stream)
-            else:
-                stack = checkpoint_stack(directory, dtype, device, params.model.stream)
+            stack = open_stack()
             stats = collect_imatrix_stack(stack, calibration, modules, batch_size=1, progress=True)
             del stack
             n_tok = int(calibration.numel())
@@ -107,18 +116,32 @@ def run(params, args) -> None:
             means = imatrix_means(stats)
             imatrix_record = {"file": "imatrix.gguf", "tensors": len(stats), "tokens": n_tok}
             log.info("importance matrix: %d tensors from %d calibration tokens", len(stats), n_tok)
-        del model
 
         final = tmp / "model.gguf"
+        mix_summary = None
         if args.reference:
             qtype = info.out_type
-        if qtype == info.out_type:
+        if qtype == MIX:
+            from dropquant.gguf.mix_build import build_mix
+            from dropquant.plots import mix_heatmap
+
+            q = params.quantize
+            rows = max(1, min(calibration.shape[0], -(-q.mix_tokens // calibration.shape[1]))) if calibration is not None else 0
+            kept = (pruned_config.get(RECORD_KEY) or {}).get("kept_layers") if plan is not None else None
+            mix_summary = build_mix(intermediate, final, target=q.target, types=q.mix_types, by=q.mix_by, info=info,
+                                    open_stack=open_stack, tokens=None if calibration is None else calibration[-rows:],
+                                    importance=importance, layer_map=kept, imatrix=means, work=tmp / "mix-candidates")
+            intermediate.unlink()
+            mix_heatmap(mix_summary, tmp / "mix.png", f"{model_name(source.spec)}"
+                        f"{'' if plan is None else ' ' + plan['method'] + '-' + str(plan['n'])}: types per tensor")
+        elif qtype == info.out_type:
             intermediate.rename(final)
         else:
             log.info("quantizing %s to %s with llama.cpp%s", info.out_type, qtype,
                      " and the importance matrix" if means else "")
             quantize_gguf(intermediate, final, qtype, imatrix=means)
             intermediate.unlink()
+        del model
         manifest = {
             "type": qtype,
             "size_bytes": final.stat().st_size,
@@ -133,9 +156,20 @@ def run(params, args) -> None:
             "heal": None if heal_record is None else {k: heal_record.get(k) for k in ("method", "heal_id")},
             "imatrix": imatrix_record,
             "layout": info.summary(),
+            "mix": mix_summary,
         }
         write_json(tmp / "manifest.json", manifest)
     log.info("wrote %s/model.gguf (%s, %s, %.1f MB)", out, qtype, info.arch, manifest["size_bytes"] / 1e6)
+
+
+def _importance(path: Path, identity: dict, n_layers: int) -> dict:
+    """The drop scores' importance, for quantize.mix_by: importance: this model's, or one error saying so."""
+    from dropquant.artifacts import read_json
+    from dropquant.prune.selection import check_scores
+
+    scores = read_json(path, "scores", "run the score stage (quantize.mix_by: importance reads them)")
+    check_scores(scores, n_layers, identity["fingerprint"], origin=str(path))
+    return scores["importance"]
 
 
 def main(argv=None) -> int:
@@ -147,6 +181,8 @@ def main(argv=None) -> int:
         p.add_argument("--pruned", type=Path, default=PRUNED, help=f"pruned checkpoint (default {PRUNED})")
         p.add_argument("--plan", type=Path, default=PLAN, help=f"drop plan (default {PLAN})")
         p.add_argument("--healed", type=Path, default=HEALED, help=f"the heal stage's output (default {HEALED})")
+        p.add_argument("--scores", type=Path, default=SCORES,
+                       help=f"drop scores, read by quantize.mix_by: importance (default {SCORES})")
         p.add_argument("--calibration", type=Path, default=CALIBRATION,
                        help=f"calibration tokens for quantize.imatrix (default {CALIBRATION})")
         p.add_argument("--out", type=Path, default=None, help=f"output directory (default {OUT}, or {BASELINE_OUT})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import mmap
 import struct
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
@@ -59,8 +60,19 @@ def _walk_kv(buf, decode: bool):
         yield key.decode("utf-8"), value, vtype, subtype, pos
 
 
-def _tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], int]:
-    """(name, data offset, bytes) of every tensor, and where the data section starts."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a GGUF's table: GGUF dims (ne0 first), GGML type number, data offset and bytes."""
+
+    name: str
+    dims: tuple[int, ...]
+    type: int
+    offset: int
+    n_bytes: int
+
+
+def tensor_index(path: str | Path) -> tuple[list[TensorEntry], int, int]:
+    """Every tensor's entry, where the data section starts, and the alignment (no tensor data is read)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -77,8 +89,15 @@ def _tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], int]:
             ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
             block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            table.append((name.decode("utf-8"), offset, prod(dims) // block * block_bytes))
-    return table, -(-pos // alignment) * alignment
+            table.append(TensorEntry(name.decode("utf-8"), tuple(dims), ttype, offset,
+                                     prod(dims) // block * block_bytes))
+    return table, -(-pos // alignment) * alignment, alignment
+
+
+def _tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], int]:
+    """(name, data offset, bytes) of every tensor, and where the data section starts."""
+    table, data_start, _ = tensor_index(path)
+    return [(t.name, t.offset, t.n_bytes) for t in table], data_start
 
 
 def file_extent(path: Path) -> int:

@@ -111,6 +111,11 @@ class Candidates:
     alignment: int
     header_bytes: int              # metadata and tensor index: the same in every candidate
 
+    def slot(self, name: str) -> Slot:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {s.name: s for s in self.slots}
+        return self._by_name[name]
+
     def padded(self, nbytes: int) -> int:
         return -(-nbytes // self.alignment) * self.alignment
 
@@ -178,66 +183,78 @@ def quantize_candidates(src: str | Path, types: Sequence[str], out_dir: Path,
 
 
 def read_candidates(files: Mapping[str, Path]) -> Candidates:
-    from gguf import GGUFReader
-
     slots: dict[str, Slot] = {}
     order: list[str] = []
     header = alignment = None
     for requested, path in files.items():
-        reader = GGUFReader(path)
-        names = [t.name for t in reader.tensors]
+        entries, _, align = _table(Path(path))
+        names = list(entries)
         if order and names != order:
             raise DropquantError(f"{path}: its tensors differ from the other candidates' (not the same source?)")
         order = names
-        align = int(getattr(reader, "alignment", 32))
-        padded = sum(-(-int(t.n_bytes) // align) * align for t in reader.tensors)
+        padded = sum(-(-t.n_bytes // align) * align for t in entries.values())
         h = Path(path).stat().st_size - padded
         if header is not None and (h != header or align != alignment):
             raise DropquantError(f"{path}: header of {h} bytes differs from the other candidates' {header}")
         header, alignment = h, align
-        for t in reader.tensors:
-            slot = slots.setdefault(t.name, Slot(t.name, tuple(int(x) for x in t.shape), int(t.n_elements), {}))
-            wtype = t.tensor_type.name
+        for t in entries.values():
+            slot = slots.setdefault(t.name, Slot(t.name, t.dims, int(np.prod(t.dims)), {}))
+            wtype = _type_name(t.type)
             opt = slot.options.get(wtype)
             if opt is None:
                 opt = slot.options[wtype] = Option(wtype, int(t.n_bytes), Path(path))
             opt.requested.append(requested)
-        del reader
     return Candidates(dict(files), [slots[n] for n in order], int(alignment), int(header))
 
 
+def _type_name(ttype: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(ttype).name
+
+
+_TABLES: dict[Path, tuple] = {}
+
+
+def _table(path: Path) -> tuple[dict, int, int]:
+    """A file's tensor entries by name, data start and alignment, read once (header.py: no GGUFReader, which
+    parses every tokenizer string of every candidate)."""
+    from dropquant.gguf.header import tensor_index
+
+    key = Path(path)
+    if key not in _TABLES:
+        entries, start, align = tensor_index(key)
+        _TABLES[key] = ({t.name: t for t in entries}, start, align,
+                        np.memmap(key, dtype=np.uint8, mode="r"))
+    entries, start, align, _ = _TABLES[key]
+    return entries, start, align
+
+
+def tensor_data(path: Path, name: str) -> tuple[np.ndarray, int]:
+    """A tensor's raw bytes as stored (memory-mapped), shaped as gguf-py's writer takes them: the GGUF dims
+    reversed with the last one in bytes; and its GGML type number."""
+    entries, start, _ = _table(path)
+    t = entries[name]
+    raw = _TABLES[Path(path)][3][start + t.offset:start + t.offset + t.n_bytes]
+    if len(t.dims) == 1:
+        return raw, t.type
+    rows = int(np.prod(t.dims[1:]))
+    return raw.reshape(*t.dims[:0:-1], t.n_bytes // rows), t.type
+
+
 def dequantized(cands: Candidates, name: str, wtype: str) -> np.ndarray:
-    """The float32 values llama.cpp will compute with for tensor `name` stored as `wtype` (rows, columns)."""
+    """The float32 values llama.cpp computes with for tensor `name` stored as `wtype`, [rows, columns]."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    opt = next(s for s in cands.slots if s.name == name).options[wtype]
-    reader = _reader(opt.source)
-    t = reader.tensors[_index(reader)[name]]
-    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(t.shape[::-1].tolist())
-
-
-_READERS: dict[Path, object] = {}
-
-
-def _reader(path: Path):
-    from gguf import GGUFReader
-
-    r = _READERS.get(path)
-    if r is None:
-        r = _READERS[path] = GGUFReader(path)
-    return r
-
-
-def _index(reader) -> dict[str, int]:
-    idx = getattr(reader, "_dq_index", None)
-    if idx is None:
-        idx = {t.name: i for i, t in enumerate(reader.tensors)}
-        reader._dq_index = idx
-    return idx
+    opt = cands.slot(name).options[wtype]
+    raw, ttype = tensor_data(opt.source, name)
+    values = np.asarray(dequantize(raw, GGMLQuantizationType(ttype)), dtype=np.float32)
+    return values.reshape(-1, values.shape[-1])
 
 
 def close_readers() -> None:
-    _READERS.clear()
+    _TABLES.clear()
 
 
 # --- the allocation --------------------------------------------------------------------------------
@@ -351,10 +368,8 @@ def write_mix(cands: Candidates, assignment: Mapping[str, str], out: str | Path)
             if cands.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
                 w.add_custom_alignment(cands.alignment)
             for s in cands.slots:
-                o = s.options[assignment[s.name]]
-                reader = _reader(o.source)
-                t = reader.tensors[_index(reader)[s.name]]
-                w.add_tensor(s.name, t.data, raw_dtype=t.tensor_type)
+                raw, ttype = tensor_data(s.options[assignment[s.name]].source, s.name)
+                w.add_tensor(s.name, raw, raw_dtype=gguf.GGMLQuantizationType(ttype))
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file(progress=False)

@@ -18,6 +18,7 @@ times the tensor's relative weight error (no calibration pass).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from dropquant.errors import DropquantError
 from dropquant.gguf.export import permute_qk
 from dropquant.gguf.imatrix import module_gguf_names
-from dropquant.gguf.mix import Candidates, dequantized
+from dropquant.gguf.mix import Candidates, dequantized, tensor_data
 from dropquant.model.layerwise import layer_output, walk_layers
 
 log = logging.getLogger(__name__)
@@ -256,11 +257,9 @@ def importance_costs(cands: Candidates, tensor_names: Mapping[str, str], importa
                      source_gguf) -> dict[str, dict[str, float]]:
     """Cost = importance of the tensor's unit (attention or MLP of its layer, from the drop scores; the embedding
     and output count as the most important) x its relative weight error ||Q(W) - W||^2 / ||W||^2."""
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = GGUFReader(source_gguf)
-    source = {t.name: t for t in reader.tensors}
     top = max(max(importance.get("attn", [0.0]) or [0.0]), max(importance.get("mlp", [0.0]) or [0.0]))
     unit: dict[str, float] = {}
     for key, g in tensor_names.items():
@@ -281,8 +280,8 @@ def importance_costs(cands: Candidates, tensor_names: Mapping[str, str], importa
         if s.name not in unit:  # a zero stand-in: exact at every type
             costs[s.name] = {t: 0.0 for t in s.options}
             continue
-        t0 = source[s.name]
-        w = np.asarray(dequantize(t0.data, t0.tensor_type), dtype=np.float64).reshape(-1)
+        raw, ttype = tensor_data(Path(source_gguf), s.name)
+        w = np.asarray(dequantize(raw, GGMLQuantizationType(ttype)), dtype=np.float64).reshape(-1)
         norm = float(w @ w) or 1.0
         costs[s.name] = {}
         for t in s.options:

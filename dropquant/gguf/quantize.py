@@ -17,9 +17,16 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 
 from dropquant.errors import DropquantError
-from dropquant.params import QUANT_TYPES
 
 log = logging.getLogger(__name__)
+
+# llama.cpp file types quantize.type accepts (llama-quantize's names).
+QUANT_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
+    "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S",
+    "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS",
+    "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
+)
 
 # Types whose low-bit tensors llama.cpp refuses to quantize without an importance matrix.
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S")
