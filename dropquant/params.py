@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import DropquantError
 from .gguf.quantize import QUANT_TYPES
-from .gguf.mix import DEFAULT_MIX_TYPES, MIX_BY, check_mix_types, parse_target
+from .gguf.mix import DEFAULT_MIX_TYPES, MIX_BY, check_axis, check_mix_types, parse_target
 
 DROP_METHODS = ("none", "attn", "mlp", "block", "joint")
 SELECTIONS = ("importance", "random", "reverse", "contiguous")
@@ -222,10 +222,16 @@ class SweepParams(_Section):
     """
     methods: list[Literal[DROP_METHODS]] = ["attn", "mlp", "block", "joint"]
     n: list[int] = [4, 8]
-    quant_types: list[Literal[QUANT_TYPES]] = ["Q8_0"]
+    quant_types: list[str] = ["Q8_0"]  # llama.cpp types, or mix:<target> (quantize.type: mix at that target)
     heal: list[Literal[HEAL_METHODS]] = ["none"]
     set: list[str] = []  # extra `section.key=value` overrides applied to every variant (e.g. eval.limit=50)
     cron: str = "0 3 * * *"  # scheduled sweeps (`make serve`), in the server's time zone
+
+    @field_validator("quant_types")
+    @classmethod
+    def _quant_axis(cls, v):
+        check_axis(v, QUANT_TYPES, "sweep.quant_types")
+        return v
 
     @field_validator("n")
     @classmethod

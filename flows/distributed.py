@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.states import Failed
 
+from dropquant.gguf.mix import axis_label, axis_overrides
 from flows._dvc import DvcFailed, check, find_repo, repo_lock, run_dvc, stage_order
 from flows.plan import plan_sweep, write_sweep_report
 from flows.variant import _transient, apply_overrides
@@ -280,7 +281,7 @@ def distributed_sweep_flow(repo: str = ".", methods: Optional[list[str]] = None,
             scheduler = Scheduler(client, deployment_id, {"commit": commit, "ref": ref, "git_remote": git_remote,
                                                           "dvc_remote": dvc_remote}, attempts, log, pool=pool)
             # Calibrate and score (and each quant type's baseline) once, before the variants race for them.
-            primes = [(f"prime-{qt}", {"sets": [*plan.common, f"quantize.type={qt}"], "targets": shared})
+            primes = [(f"prime-{axis_label(qt)}", {"sets": [*plan.common, *axis_overrides(qt)], "targets": shared})
                       for qt in plan.quant_types]
             primed, prime_failed = [], []
             for job in primes:

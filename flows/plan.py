@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dropquant.gguf.mix import axis_label, axis_overrides
 from flows._dvc import DvcFailed, dvc_executable
 
 REUSED = {"unchanged": "reused (unchanged)", "run-cache": "reused (DVC run-cache)"}
@@ -16,7 +17,8 @@ REUSED = {"unchanged": "reused (unchanged)", "run-cache": "reused (DVC run-cache
 
 def variant_name(method: str, n: int, quant_type: str, heal: str = "none") -> str:
     """A git-ref-safe experiment name, e.g. attn-8-Q4_K_M, attn-8-Q8_0-linear-distill."""
-    name = f"none-{quant_type}" if method == "none" else f"{method}-{n}-{quant_type}"
+    q = axis_label(quant_type)
+    name = f"none-{q}" if method == "none" else f"{method}-{n}-{q}"
     return name if heal == "none" else f"{name}-{heal.replace('+', '-')}"
 
 
@@ -32,7 +34,7 @@ def grid(methods: list[str], ns: list[int], quant_types: list[str], heals: list[
                     if name not in seen:
                         seen.add(name)
                         out.append({"name": name, "method": method, "n": n, "quant_type": qt, "heal": heal,
-                                    "set": [f"drop.method={method}", f"drop.n={n}", f"quantize.type={qt}",
+                                    "set": [f"drop.method={method}", f"drop.n={n}", *axis_overrides(qt),
                                             f"heal.method={heal}"]})
     return out
 

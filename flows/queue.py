@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from dropquant.gguf.mix import axis_label, axis_overrides
 from dropquant.workspace import WORKSPACE_ENV  # where the stages take relative paths from
 from flows._dvc import (FAILED_STAGE, RUN_CACHE, RUNNING, UNCHANGED, DvcFailed, DvcResult, RepoBusy,
                         StageEvent, _env, check, dvc_executable, failure_message, repo_lock, run_dvc)
@@ -165,8 +166,8 @@ def queue_sweep(root: Path, plan, jobs: int, out: Optional[str], title: Optional
         # 1. The shared stages once per quant type, so that the queued jobs find them in the run-cache.
         primes = []
         for qt in dict.fromkeys(v["quant_type"] for v in variants):
-            name = f"{PRIME_PREFIX}{qt}"
-            sets = [*plan.common, f"quantize.type={qt}"]
+            name = f"{PRIME_PREFIX}{axis_label(qt)}"
+            sets = [*plan.common, *axis_overrides(qt)]
             if name in existing:
                 run_dvc(["exp", "remove", name], root, log.info)
             result = _run(["exp", "run", "--temp", "-n", name, *[a for s in sets for a in ("-S", s)], *PRIME_TARGETS],

@@ -138,7 +138,9 @@ def _metrics(repo: Path) -> dict[str, dict]:
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     names = [r["name"] for b in shown for g in (b.get("experiments") or []) for r in g["revs"]]
     assert len(names) == len(set(names)), names  # every experiment once
-    return {r["name"]: r["data"]["metrics"]["data/eval/metrics.json"]["data"]
+    # The drop is a parameter, not a metric (metrics.json holds the headline figures only).
+    return {r["name"]: {**r["data"]["metrics"]["data/eval/metrics.json"]["data"],
+                        **{k: r["data"]["params"]["params.yaml"]["data"]["drop"][k] for k in ("method", "n")}}
             for b in shown for g in (b.get("experiments") or []) for r in g["revs"]}
 
 

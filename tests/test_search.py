@@ -128,7 +128,8 @@ def test_a_search_run_again_measures_nothing_again(tiny_params, searched):
 
 @pytest.mark.parametrize("space, message", [
     (Space(["attn", "heads"], [1], ["Q8_0"]), "unknown drop method(s) ['heads']"),
-    (Space(["attn"], [1], ["Q8_0", "Q9_X"]), "unknown quant type(s) ['Q9_X']"),
+    (Space(["attn"], [1], ["Q8_0", "Q9_X"]), "unknown quant type 'Q9_X'"),
+    (Space(["attn"], [1], ["mix:4.8bits"]), "quantize.target='4.8bits'"),
     (Space(["attn"], [1], ["Q8_0"], ["none", "magic"]), "unknown heal method(s) ['magic']"),
     (Space(["attn"], [1], ["IQ2_XS"]), "need an importance matrix"),
 ])
@@ -184,9 +185,33 @@ def test_the_estimate_is_the_kl_of_the_pruned_model(tiny_params, tmp_path):
 def test_candidate_names_are_the_sweeps():
     from flows.plan import variant_name
 
-    for c in (Candidate("attn", 4, "Q8_0"), Candidate("joint", 0, "Q4_K_M"), Candidate("block", 2, "Q6_K", "linear")):
+    for c in (Candidate("attn", 4, "Q8_0"), Candidate("joint", 0, "Q4_K_M"), Candidate("block", 2, "Q6_K", "linear"),
+              Candidate("attn", 2, "mix:4.8bpw")):
         method, n = c.drop
         assert c.name == variant_name(method, n, c.quant_type, c.heal)
+    mixed = Candidate("attn", 2, "mix:4.8bpw")
+    assert mixed.name == "attn-2-mix-4.8bpw"
+    assert "quantize.type=mix" in mixed.overrides() and "quantize.target=4.8bpw" in mixed.overrides()
+    assert "quantize.target=null" in Candidate("attn", 2, "Q8_0").overrides()
+
+
+def test_a_mix_target_is_one_more_quant_type(tiny_params, tmp_path):
+    """mix:<target> measured as the quantize stage makes it (here by the drop scores' importance: no pass)."""
+    params = tiny_params.model_copy(deep=True)
+    params.quantize = params.quantize.model_copy(update={"mix_by": "importance", "mix_types": ["Q4_0", "Q8_0"]})
+    scores = {"importance": {"attn": [0.5, 0.1, 0.2, 0.3], "mlp": [0.9, 0.1, 0.1, 0.4], "block": [0.9, 0.2, 0.3, 0.5]}}
+    from dropquant.search.workbench import Workbench
+
+    bench = Workbench(params, scores, "scores", tmp_path / "mix", estimate_tokens=512, threads=1, progress=False)
+    try:
+        q4, q8 = bench.measure(Candidate("attn", 2, "Q4_0")), bench.measure(Candidate("attn", 2, "Q8_0"))
+        mid = (q4["size_bytes"] + q8["size_bytes"]) / 2 / 1e6
+        r = bench.measure(Candidate("attn", 2, f"mix:{mid:.3f}MB"))
+        assert q4["size_bytes"] < r["size_bytes"] <= mid * 1e6
+        assert r["mix"]["by"] == "importance" and set(r["mix"]["tensor_counts"]) == {"Q4_0", "Q8_0"}
+        assert q8["kld"] <= r["kld"] <= q4["kld"]
+    finally:
+        bench.close()
 
 
 def test_heal_is_one_more_axis(tiny_params, tmp_path):

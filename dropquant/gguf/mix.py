@@ -62,6 +62,38 @@ def parse_target(text) -> Target:
     return Target("bytes", float(m.group(1)) * _UNITS[unit], str(text).strip())
 
 
+# A quant axis value of a sweep or search: a llama.cpp type, or a mix at a target ("mix:4.8bpw").
+AXIS_PREFIX = "mix:"
+
+
+def axis_target(q: str) -> Optional[str]:
+    """The target of a mix axis value, None for a llama.cpp type."""
+    return q[len(AXIS_PREFIX):] if q.startswith(AXIS_PREFIX) else None
+
+
+def axis_overrides(q: str) -> list[str]:
+    """A quant axis value as params overrides (quantize.target cleared for a plain type)."""
+    t = axis_target(q)
+    return ["quantize.type=mix", f"quantize.target={t}"] if t is not None else [f"quantize.type={q}",
+                                                                                 "quantize.target=null"]
+
+
+def axis_label(q: str) -> str:
+    """A quant axis value as it appears in an experiment name (git-ref safe): mix:4.8bpw -> mix-4.8bpw."""
+    return q.replace(":", "-")
+
+
+def check_axis(values: Sequence[str], types: Sequence[str], what: str) -> None:
+    """Quant axis values: llama.cpp types or mix:<target>, refused by name."""
+    for q in values:
+        t = axis_target(q)
+        if t is not None:
+            parse_target(t)
+        elif q not in types:
+            raise DropquantError(f"{what}: unknown quant type {q!r} (allowed: {', '.join(types)}, or mix:<target> "
+                                 "such as mix:4.8bpw or mix:90MB)")
+
+
 def check_mix_types(types: Sequence[str], imatrix: bool) -> None:
     """Unknown types by name, and types llama.cpp cannot write without an importance matrix, refused."""
     unknown = [t for t in types if t not in PURE_FTYPES]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from dropquant.errors import DropquantError
+from dropquant.gguf.mix import axis_label, axis_overrides, check_axis
 from dropquant.params import HEAL_METHODS, QUANT_TYPES
 
 METHODS = ("attn", "mlp", "block", "joint")
@@ -31,13 +32,13 @@ class Candidate:
     def name(self) -> str:
         """The experiment name the sweep gives the same variant (flows/plan.py's variant_name)."""
         method, n = self.drop
-        base = f"none-{self.quant_type}" if method == "none" else f"{method}-{n}-{self.quant_type}"
+        q = axis_label(self.quant_type)
+        base = f"none-{q}" if method == "none" else f"{method}-{n}-{q}"
         return base if self.heal == "none" else f"{base}-{self.heal.replace('+', '-')}"
 
     def overrides(self) -> list[str]:
         method, n = self.drop
-        return [f"drop.method={method}", f"drop.n={n}", f"quantize.type={self.quant_type}",
-                f"heal.method={self.heal}"]
+        return [f"drop.method={method}", f"drop.n={n}", *axis_overrides(self.quant_type), f"heal.method={self.heal}"]
 
     def to_json(self) -> dict:
         method, n = self.drop
@@ -91,7 +92,9 @@ def check_space(space: Space) -> None:
             raise DropquantError(f"search: no {what} to search")
 
     unknown("drop method(s)", space.methods, METHODS)
-    unknown("quant type(s)", space.quant_types, QUANT_TYPES)
+    if not space.quant_types:
+        raise DropquantError("search: no quant type(s) to search")
+    check_axis(space.quant_types, QUANT_TYPES, "search")
     unknown("heal method(s)", space.heals, HEAL_METHODS)
     needs = [q for q in space.quant_types if q in NEEDS_IMATRIX]
     if needs:

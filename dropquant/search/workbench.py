@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from dropquant.artifacts import file_sha256, json_digest
 from dropquant.atomic import write_json
 from dropquant.errors import DropquantError
+from dropquant.gguf.mix import axis_target
 from dropquant.search.estimate import Drop, estimate_kl
 from dropquant.search.space import Candidate
 
@@ -117,7 +119,7 @@ class Workbench:
     def reference(self) -> Path:
         """The unpruned model as a GGUF in its source precision: what every candidate's KL is taken from."""
         path = self.dir / "reference" / "model.gguf"
-        if not path.is_file():
+        if not path.is_file() or not path.with_suffix(".names.json").is_file():
             start = time.perf_counter()
             log.info("search: writing the reference, the unpruned model in its own precision, as GGUF")
             self._export(None, path)
@@ -183,8 +185,11 @@ class Workbench:
         calib = self.calibration[1] if c.heal != "none" and self.calibration else None
         plan = self.plan(c.method, c.n)
         layers = {"attn": plan.attn, "mlp": plan.mlp, "blocks": plan.blocks}
-        digest = json_digest({"layers": layers, "quant_type": c.quant_type, "heal_method": c.heal, "heal": heal,
-                              "calibration": calib})[:16]
+        key = {"layers": layers, "quant_type": c.quant_type, "heal_method": c.heal, "heal": heal, "calibration": calib}
+        if axis_target(c.quant_type) is not None:  # what the mix's types were chosen from
+            key["mix"] = self.params.quantize.model_dump(mode="json", include={"mix_types", "mix_by", "mix_tokens"})
+            key["mix_data"] = self.calibration[1] if self.params.quantize.mix_by == "sensitivity" else self.key["scores"]
+        digest = json_digest(key)[:16]
         return self.dir / "measured" / f"{digest}.json"
 
     def cached(self, c: Candidate) -> Optional[dict]:
@@ -208,7 +213,9 @@ class Workbench:
         source = self._source_gguf(c.method, c.n, c.heal)
         out = self.scratch / f"{c.name}.gguf"
         try:
-            if c.quant_type in ("F32", "F16", "BF16") and c.quant_type == self.source_type():
+            if axis_target(c.quant_type) is not None:
+                mix = self._mix(c, source, out)
+            elif c.quant_type in ("F32", "F16", "BF16") and c.quant_type == self.source_type():
                 shutil.copyfile(source, out)
             else:
                 quantize_gguf(source, out, c.quant_type)
@@ -219,6 +226,8 @@ class Workbench:
                       "top1_agree": fid["top1_agree"], "fidelity_tokens": fid["fidelity_tokens"],
                       "reference_type": self.source_type(), "gguf_sha256": file_sha256(out),
                       "tensor_bytes": sizes, "seconds": round(time.perf_counter() - start, 2)}
+            if axis_target(c.quant_type) is not None:
+                record["mix"] = {k: mix[k] for k in ("target", "by", "bpw", "estimated_kl", "tensor_counts")}
         finally:
             out.unlink(missing_ok=True)
         write_json(self._record_path(c), record)
@@ -227,6 +236,33 @@ class Workbench:
         return record
 
     # --- writing candidates as the stages do -----------------------------------------------------------------
+
+    def _mix(self, c: Candidate, source: Path, out: Path) -> dict:
+        """quantize.type: mix at the candidate's target, as the quantize stage makes it (dropquant.gguf.mix_build)."""
+        from dropquant.gguf.mix_build import build_mix
+        from dropquant.model.layerwise import checkpoint_stack
+
+        q = self.params.quantize
+        info = json.loads(source.with_suffix(".names.json").read_text())
+        tokens = None
+        if q.mix_by == "sensitivity":
+            if self.calibration is None:
+                raise DropquantError("search: a mix by sensitivity needs the calibration tokens (run the calibrate "
+                                     "stage), or quantize.mix_by: importance")
+            tokens = self.calibration[0]
+            tokens = tokens[-max(1, min(len(tokens), -(-q.mix_tokens // tokens.shape[1]))):]
+        plan = self.plan(c.method, c.n) if c.n else None
+        if plan is None:
+            open_stack = self.stack
+        else:
+            directory = self._healed(c.method, c.n, c.heal) if c.heal != "none" else self._pruned_checkpoint(c.method,
+                                                                                                            c.n)
+            open_stack = lambda: checkpoint_stack(directory, self.dtype, "cpu", self.params.model.stream)  # noqa: E731
+        kept = None if plan is None else [i for i in range(self.config.num_hidden_layers) if i not in plan.blocks]
+        names = SimpleNamespace(tensor_names=info["tensor_names"], permuted=info["permuted"])
+        return build_mix(source, out, target=axis_target(c.quant_type), types=q.mix_types, by=q.mix_by, info=names,
+                         open_stack=open_stack, tokens=tokens, importance=(self.scores or {}).get("importance"),
+                         layer_map=kept, work=self.scratch / f"{c.name}.mix")
 
     def source_type(self) -> str:
         from dropquant.gguf.header import read_metadata
@@ -291,21 +327,23 @@ class Workbench:
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
+        names = out.with_suffix(".names.json")  # the exporter's name map, for a mix's costs
         # A GGUF source's tokenizer keys are carried over; a checkpoint (pruned or not) holds its own tokenizer.
         tok = {"tokenizer_gguf": self.source.gguf_path} if self.source.gguf_path is not None else {}
         in_memory = tok or {"tokenizer_dir": checkpoint_dir(self.source)}
         name = f"{self.source.spec} dropquant"
         if drop is not None and drop[2] != "none":
-            export_checkpoint(self._healed(*drop), tmp, name=name, **tok)
+            info = export_checkpoint(self._healed(*drop), tmp, name=name, **tok)
         elif drop is not None and (self._model is not None or not self._streamed()):
             model = prune_model(copy.deepcopy(self.model()), self.plan(drop[0], drop[1]))
-            export_model(model, tmp, name=name, **in_memory)
+            info = export_model(model, tmp, name=name, **in_memory)
         elif drop is not None:
-            export_checkpoint(self._pruned_checkpoint(drop[0], drop[1]), tmp, name=name, **tok)
+            info = export_checkpoint(self._pruned_checkpoint(drop[0], drop[1]), tmp, name=name, **tok)
         elif checkpoint_dir(self.source) is not None:
-            export_checkpoint(checkpoint_dir(self.source), tmp, name=name)
+            info = export_checkpoint(checkpoint_dir(self.source), tmp, name=name)
         else:
-            export_model(self.model(), tmp, name=name, **tok)
+            info = export_model(self.model(), tmp, name=name, **tok)
+        write_json(names, {"tensor_names": info.tensor_names, "permuted": info.permuted})
         tmp.rename(out)
 
     # --- figures that need no measurement --------------------------------------------------------------------
