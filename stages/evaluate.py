@@ -102,9 +102,13 @@ def check_inputs(params, args) -> dict:
                "rerun python -m stages.evaluate --baseline (dvc repro does)")
     heal = (variant.get("heal") or {}).get("method") or "none"
     check_same(f"{variant_dir}/manifest.json", "heal method", heal, params.heal.method, hint)
+    if params.quantize.type == "mix":
+        for who, manifest in (("variant", variant), ("base", base)):
+            check_same(f"{who} GGUF manifest", "mix target", (manifest.get("mix") or {}).get("target"),
+                       params.quantize.target, "run the quantize and baseline stages")
     reference = check_reference(params, args, (variant.get("model") or {}).get("fingerprint"))
     return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"], "heal": heal,
-            "reference": reference, "heal_kl": heal_recovery(args, variant, heal)}
+            "reference": reference, "heal_kl": heal_recovery(args, variant, heal), "mix": variant.get("mix")}
 
 
 def heal_recovery(args, variant: dict, heal: str) -> dict | None:
@@ -174,6 +178,7 @@ def run_variant(params, args) -> None:
         metrics["kld_source"] = fidelity_source["kld"]
         metrics["kld_source_stderr"] = fidelity_source["kld_stats"]["stderr"]
     metrics["heal_kl"] = inputs["heal_kl"]
+    metrics["mix"] = inputs["mix"]  # quantize.type: mix: the types, each tensor's cost, the bits per weight
     # What these numbers measured: `dvc exp show` lists it, and a report refuses metrics of another variant.
     metrics["variant"] = {"plan_id": plan["plan_id"], "gguf_sha256": inputs["gguf_sha256"][:16],
                           "base_gguf_sha256": inputs["base_gguf_sha256"][:16],

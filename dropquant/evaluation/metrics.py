@@ -165,11 +165,11 @@ HEADLINE = {
     "loops": ("chat", "mt_bench", "loop_rate"), "base_loops": ("chat", "mt_bench", "base_loop_rate"),
 }
 # Present only when measured (eval.source_kld; a healed variant), so that no sweep carries an empty column.
-OPTIONAL = {"kld_source": ("kld_source",), "kld_recovered": ("heal_kl", "recovered")}
+OPTIONAL = {"kld_source": ("kld_source",), "kld_recovered": ("heal_kl", "recovered"), "bpw": ("mix", "bpw")}
 # Rounded for reading: more digits than the figures' standard errors support only widen the columns.
 DIGITS = {"avg": 3, "avg_delta": 3, "avg_delta_se": 3, "base_avg": 3, "ppl": 1, "base_ppl": 2,
           "top1": 3, "size_mb": 1, "base_size_mb": 1, "pp_x": 2, "tg_x": 2, "kv_mib": 1, "base_kv_mib": 1,
-          "kld_recovered": 3, "ifeval": 3, "base_ifeval": 3, "gsm8k": 3, "base_gsm8k": 3,
+          "kld_recovered": 3, "bpw": 2, "ifeval": 3, "base_ifeval": 3, "gsm8k": 3, "base_gsm8k": 3,
           "loops": 3, "base_loops": 3}
 
 

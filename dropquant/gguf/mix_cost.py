@@ -56,12 +56,16 @@ class _Weights:
     def smallest(self, gname: str) -> str:
         return min(self.slots[gname].options.values(), key=lambda o: (o.nbytes, o.type)).type
 
-    def get(self, gname: str, wtype: str) -> torch.Tensor:
+    def get(self, gname: str, wtype: str, keep: bool = True) -> torch.Tensor:
+        """The tensor at `wtype`; `keep` False: not cached (one type at a time, for a model's largest layers)."""
         key = (gname, wtype)
-        if key not in self.cache:
-            values = hf_rows(dequantized(self.cands, gname, wtype), self.permuted.get(gname))
-            self.cache[key] = torch.from_numpy(np.ascontiguousarray(values)).to(self.device, self.dtype)
-        return self.cache[key]
+        if key in self.cache:
+            return self.cache[key]
+        values = hf_rows(dequantized(self.cands, gname, wtype), self.permuted.get(gname))
+        w = torch.from_numpy(np.ascontiguousarray(values)).to(self.device, self.dtype)
+        if keep:
+            self.cache[key] = w
+        return w
 
     def drop(self, keep=()) -> None:
         self.cache = {k: v for k, v in self.cache.items() if k[0] in keep}
@@ -136,10 +140,11 @@ def sensitivity_costs(stack, chunks: torch.Tensor, cands: Candidates, tensor_nam
         nonlocal count
         subs = by_layer.get(i, {})
         mods = {sub: layer.get_submodule(sub) for sub in subs}
+        weights.device = next(layer.parameters()).device
         low = {sub: weights.get(g, weights.smallest(g)) for sub, g in subs.items()}
         for sub, g in subs.items():
             w0 = mods[sub].weight.data.float()
-            colsq[g] = {t: ((weights.get(g, t).float() - w0) ** 2).sum(0).double().numpy()
+            colsq[g] = {t: ((weights.get(g, t, keep=False).float() - w0) ** 2).sum(0).double().cpu().numpy()
                         for t in slots[g].options}
             xsq.setdefault(g, np.zeros(w0.shape[1]))
         hooks = [_ColumnSquares(mods[sub], xsq, g) for sub, g in subs.items()]
@@ -181,8 +186,9 @@ def sensitivity_costs(stack, chunks: torch.Tensor, cands: Candidates, tensor_nam
 
     if embed_types:
         e0 = stack.embed_weight().float()
+        weights.device = e0.device
         for t in embed_types:
-            embed_delta[t] = (weights.get(embed_g, t).float() - e0).to(stack.dtype)
+            embed_delta[t] = (weights.get(embed_g, t, keep=tied).float() - e0).to(stack.dtype)
         del e0
     n_streams = len(streams)
     walk_layers(stack, chunks, visit, tuple(streams), batch_size, progress,
