@@ -129,8 +129,12 @@ def main() -> None:
                 path.unlink()
                 print(f"llama.cpp {t}{' +imatrix' if imat else ''}: {llama[imat][t][0] / 1e6:.1f} MB, "
                       f"KL {llama[imat][t][1]:.4f}", flush=True)
+        # Below llama.cpp's smallest file the mix has a curve of its own, down to every tensor at its smallest type.
+        floor = min(b for b, _ in llama[False].values())
+        low = _pure_floor(src, work)
+        extra = {f"{f:.0%} of the way": int(low + f * (floor - low)) for f in (0.05, 0.35, 0.65)}
         ours = mix_curve(src, info, stack, tokens, scores["importance"],
-                         {t: b for t, (b, _) in llama[False].items()}, work, measure,
+                         {**{t: b for t, (b, _) in llama[False].items()}, **extra}, work, measure,
                          by=("sensitivity", "importance"))
         ours_im = mix_curve(src, info, stack, tokens, scores["importance"],
                             {t: b for t, (b, _) in llama[True].items()}, work, measure, imatrix=means)
@@ -155,6 +159,11 @@ def main() -> None:
           "for 180 of 272 tensors; weights from a Q4_1 file\n")
     print(f"{'size of':>9} {'MB':>7} | {'llama.cpp':>9} {'frontier':>9} | {'mix':>7} {'ratio':>6} | "
           f"{'importance':>10} | {'+imatrix: llama':>15} {'frontier':>9} {'mix':>7} {'ratio':>6}")
+    for name, b in sorted(extra.items(), key=lambda x: x[1]):
+        if ("sensitivity", name) in ours:
+            m, imp = ours[("sensitivity", name)], ours[("importance", name)]
+            print(f"{'-':>9} {b / 1e6:7.1f} | {'-':>9} {'-':>9} | {m['kl']:7.4f} {'':>6} | {imp['kl']:10.4f} |")
+            rows.append({"type": None, "bytes": b, "llama_kl": None, "frontier": None, "mix": m, "importance": imp})
     for t, (b, kl) in sorted(llama[False].items(), key=lambda x: x[1][0]):
         if ("sensitivity", t) not in ours:
             continue
@@ -190,6 +199,18 @@ def main() -> None:
                                          "checks": checks, "seconds": total_s}, indent=1, default=str))
 
 
+def _pure_floor(src: Path, work: Path) -> int:
+    """The smallest file the default mix types reach on this model (every tensor at its smallest type)."""
+    from dropquant.gguf import mix
+    from dropquant.params import parse_params
+
+    cands = mix.quantize_candidates(src, parse_params({}).quantize.mix_types, work / "floor")
+    low = cands.reachable()[0]
+    mix.close_readers()
+    shutil.rmtree(work / "floor", ignore_errors=True)
+    return int(low)
+
+
 def parse_tokens() -> int:
     from dropquant.params import parse_params
 
@@ -202,20 +223,21 @@ def _plot(rows: list[dict], path: Path, compounded: dict, q3_size: int, q3_kl: f
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    mb = [r["bytes"] / 1e6 for r in rows]
-    ax.plot(mb, [r["llama_kl"] for r in rows], "o-", color="tab:gray", label="llama.cpp types")
-    for r, x in zip(rows, mb):
+    theirs = sorted((r for r in rows if r["type"]), key=lambda r: r["bytes"])
+    mb = [r["bytes"] / 1e6 for r in theirs]
+    ax.plot(mb, [r["llama_kl"] for r in theirs], "o-", color="tab:gray", label="llama.cpp types")
+    for r, x in zip(theirs, mb):
         ax.annotate(r["type"], (x, r["llama_kl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.plot([r["mix"]["bytes"] / 1e6 for r in rows], [r["mix"]["kl"] for r in rows], "s-", color="tab:blue",
-            label="mix, by sensitivity")
-    ax.plot([r["importance"]["bytes"] / 1e6 for r in rows], [r["importance"]["kl"] for r in rows], "^--",
-            color="tab:cyan", label="mix, by importance", ms=4)
+    for key, style, color, label in (("mix", "s-", "tab:blue", "mix, by sensitivity"),
+                                     ("importance", "^--", "tab:cyan", "mix, by importance")):
+        pts = sorted({(r[key]["bytes"] / 1e6, r[key]["kl"]) for r in rows})
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label, ms=4)
     im = [r for r in rows if "imatrix" in r]
     if im:
         ax.plot([r["imatrix"]["bytes"] / 1e6 for r in im], [r["imatrix"]["llama_kl"] for r in im], "o:",
                 color="tab:orange", label="llama.cpp + imatrix")
-        ax.plot([r["imatrix"]["mix"]["bytes"] / 1e6 for r in im], [r["imatrix"]["mix"]["kl"] for r in im], "s:",
-                color="tab:red", label="mix + imatrix")
+        pts = sorted({(r["imatrix"]["mix"]["bytes"] / 1e6, r["imatrix"]["mix"]["kl"]) for r in im})
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s:", color="tab:red", label="mix + imatrix", ms=4)
     ax.plot([q3_size / 1e6], [q3_kl], "x", color="black", label="attn-8 Q3_K_M")
     ax.plot([compounded["bytes"] / 1e6], [compounded["kl"]], "*", color="tab:blue", ms=10, label="attn-8 mix")
     ax.set_yscale("log")

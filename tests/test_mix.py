@@ -192,3 +192,19 @@ def test_stage_refuses_an_unreachable_target_and_leaves_nothing(workspace, capsy
     err = capsys.readouterr().err
     assert "reachable range is" in err and "MB" in err
     assert not out.exists()
+
+
+def test_streamed_sensitivity_equals_in_memory(mixed, tmp_path, hf_tokenizer):
+    """A model larger than memory is read a layer at a time: the same costs as the model in memory."""
+    from dropquant.model.layerwise import checkpoint_stack
+    from dropquant.prune.pruned_checkpoint import save_pruned
+
+    model, _, info, cands, costs, _ = mixed
+    save_pruned(model, tmp_path / "ckpt", tokenizer=hf_tokenizer)
+    tokens = torch.randint(3, 49152, (2, 32), generator=torch.Generator().manual_seed(1))
+    streamed, _ = sensitivity_costs(checkpoint_stack(tmp_path / "ckpt", torch.float32, "cpu", True), tokens, cands,
+                                    info.tensor_names, info.permuted, progress=False)
+    assert set(streamed) == set(costs)
+    for g, c in costs.items():
+        for t, v in c.items():
+            assert streamed[g][t] == pytest.approx(v, rel=1e-4, abs=1e-9), (g, t)
