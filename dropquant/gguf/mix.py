@@ -143,9 +143,10 @@ class Candidates:
     alignment: int
     header_bytes: int              # metadata and tensor index: the same in every candidate
 
+    def __post_init__(self):
+        self._by_name = {s.name: s for s in self.slots}
+
     def slot(self, name: str) -> Slot:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {s.name: s for s in self.slots}
         return self._by_name[name]
 
     def padded(self, nbytes: int) -> int:
@@ -338,7 +339,6 @@ def allocate(cands: Candidates, costs: Mapping[str, Mapping[str, float]], target
         if k + 1 < len(hull):
             heapq.heappush(heap, (-_slope(hull[k], hull[k + 1]), name, k + 1))
     # Whatever is left: the single best improvement that fits, repeatedly.
-    by_name = {s.name: s for s in cands.slots}
     while True:
         best = None
         for s in cands.slots:
@@ -355,7 +355,6 @@ def allocate(cands: Candidates, costs: Mapping[str, Mapping[str, float]], target
             break
         _, name, t, extra = best
         assign[name], spent = t, spent + extra
-    assert all(n in by_name for n in assign)
     return assign
 
 

@@ -50,11 +50,10 @@ class _Weights:
 
     def __init__(self, cands: Candidates, permuted: Mapping[str, int], dtype: torch.dtype, device):
         self.cands, self.permuted, self.dtype, self.device = cands, permuted, dtype, device
-        self.slots = {s.name: s for s in cands.slots}
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
 
     def smallest(self, gname: str) -> str:
-        return min(self.slots[gname].options.values(), key=lambda o: (o.nbytes, o.type)).type
+        return min(self.cands.slot(gname).options.values(), key=lambda o: (o.nbytes, o.type)).type
 
     def get(self, gname: str, wtype: str, keep: bool = True) -> torch.Tensor:
         """The tensor at `wtype`; `keep` False: not cached (one type at a time, for a model's largest layers)."""
