@@ -62,6 +62,8 @@ EXPENSIVE = {
     ".venv/bin/pytest tests/test_scoring.py": "a test file",
     "OMP_NUM_THREADS=1 dvc repro": "the pipeline",
     "make bench": "the benchmarks",
+    "dvc exp run -S quantize.type=mix -S quantize.target=93.5MB": "a pipeline run (the mix's parameters are checked)",
+    "python -m flows search --max-kld 0.6 -q Q4_K_M mix:4.8bpw mix:5.5bpw": "a search (its axes are checked)",
 }
 
 
