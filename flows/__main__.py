@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--repo", default=".", help="DVC repository (default: the current directory)")
         g.add_argument("-m", "--methods", nargs="+", help="drop methods (default: params.yaml sweep.methods)")
         g.add_argument("-n", "--n", nargs="+", type=int, help="drop counts (default: sweep.n)")
-        g.add_argument("-q", "--quant-types", nargs="+", help="GGUF types (default: sweep.quant_types)")
+        g.add_argument("-q", "--quant-types", nargs="+", help="GGUF types, or mix:<target> such as mix:4.8bpw (default: sweep.quant_types)")
         g.add_argument("--heal", nargs="+", help="heal methods (default: sweep.heal)")
         g.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override applied to every variant, e.g. -S eval.limit=50 (repeatable)")
