@@ -63,7 +63,7 @@ def run(params, args) -> None:
 
     heal_record = None
     if args.baseline or args.reference:
-        plan = None
+        plan = kept_layers = None
         directory = checkpoint_dir(source)  # None: a GGUF source, loaded (dequantized) whole
         check_gguf_expressible(config, [], [], source.spec)
     else:
@@ -77,6 +77,7 @@ def run(params, args) -> None:
         check_gguf_expressible(config, *layout_for_plan(DropPlan.from_json(plan))[1:], source.spec,
                                method=plan["method"])
         heal_record, healed = read_heal(args.healed, plan, params.heal)
+        kept_layers = (pruned_config.get(RECORD_KEY) or {}).get("kept_layers")  # original index of each layer
         directory = healed or args.pruned
 
     with atomic_dir(out) as tmp:
@@ -119,6 +120,8 @@ def run(params, args) -> None:
 
         final = tmp / "model.gguf"
         mix_summary = None
+        if qtype != MIX:
+            model = None  # llama.cpp quantizes from the file: the torch model's memory goes first
         if args.reference:
             qtype = info.out_type
         if qtype == MIX:
@@ -126,11 +129,10 @@ def run(params, args) -> None:
             from dropquant.plots import mix_heatmap
 
             q = params.quantize
-            rows = max(1, min(calibration.shape[0], -(-q.mix_tokens // calibration.shape[1]))) if calibration is not None else 0
-            kept = (pruned_config.get(RECORD_KEY) or {}).get("kept_layers") if plan is not None else None
             mix_summary = build_mix(intermediate, final, target=q.target, types=q.mix_types, by=q.mix_by, info=info,
-                                    open_stack=open_stack, tokens=None if calibration is None else calibration[-rows:],
-                                    importance=importance, layer_map=kept, imatrix=means, work=tmp / "mix-candidates")
+                                    open_stack=open_stack, tokens=calibration, mix_tokens=q.mix_tokens,
+                                    importance=importance, layer_map=kept_layers, imatrix=means,
+                                    work=tmp / "mix-candidates")
             intermediate.unlink()
             mix_heatmap(mix_summary, tmp / "mix.png", f"{model_name(source.spec)}"
                         f"{'' if plan is None else ' ' + plan['method'] + '-' + str(plan['n'])}: types per tensor")
@@ -141,7 +143,6 @@ def run(params, args) -> None:
                      " and the importance matrix" if means else "")
             quantize_gguf(intermediate, final, qtype, imatrix=means)
             intermediate.unlink()
-        del model
         manifest = {
             "type": qtype,
             "size_bytes": final.stat().st_size,

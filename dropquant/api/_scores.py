@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from dropquant.api._common import Calibration, Model, ModelLike, build_params, dtype_name, open_model
+from dropquant.api._common import Calibration, Model, ModelLike, build_params, open_model
 from dropquant.errors import DropquantError
 
 UNITS = ("attn", "mlp", "block")

@@ -16,13 +16,14 @@ log = logging.getLogger("dropquant.quantize")
 
 
 def build_mix(source_gguf: Path, out: Path, *, target: str, types: Sequence[str], by: str, info,
-              open_stack: Optional[Callable] = None, tokens=None, importance: Optional[Mapping] = None,
+              open_stack: Optional[Callable] = None, tokens=None, mix_tokens: int = 1024,
+              importance: Optional[Mapping] = None,
               layer_map: Optional[Sequence[int]] = None, imatrix: Optional[Mapping[str, np.ndarray]] = None,
               work: Path) -> dict:
     """Write the mixed GGUF `out` from the exported `source_gguf` and return its summary (for the manifest).
 
-    by="sensitivity": `open_stack()` gives the layer-wise model the GGUF was exported from and `tokens` the
-    calibration tokens [n, seq] it is measured on; by="importance": `importance` is the drop scores' importance
+    by="sensitivity": `open_stack()` gives the layer-wise model the GGUF was exported from, measured on the last
+    samples of the calibration `tokens` [n, seq] that hold `mix_tokens`; by="importance": `importance` is the drop scores' importance
     ({"attn": [...], "mlp": [...]}, original layer numbering) and `layer_map` the original index of each
     checkpoint layer. `work`: a scratch folder for the candidates, removed afterwards."""
     t = mix.parse_target(target)
@@ -31,6 +32,7 @@ def build_mix(source_gguf: Path, out: Path, *, target: str, types: Sequence[str]
         cands = mix.quantize_candidates(source_gguf, types, work, imatrix=imatrix)
         cands.check_target(t)  # before the costly part
         if by == "sensitivity":
+            tokens = tokens[-max(1, min(len(tokens), -(-mix_tokens // tokens.shape[1]))):]
             stack = open_stack()
             log.info("mix: measuring what each tensor's types cost on %d calibration tokens", int(tokens.numel()))
             costs, record = sensitivity_costs(stack, tokens, cands, info.tensor_names, info.permuted, progress=True)

@@ -244,13 +244,9 @@ class Workbench:
 
         q = self.params.quantize
         info = json.loads(source.with_suffix(".names.json").read_text())
-        tokens = None
-        if q.mix_by == "sensitivity":
-            if self.calibration is None:
-                raise DropquantError("search: a mix by sensitivity needs the calibration tokens (run the calibrate "
-                                     "stage), or quantize.mix_by: importance")
-            tokens = self.calibration[0]
-            tokens = tokens[-max(1, min(len(tokens), -(-q.mix_tokens // tokens.shape[1]))):]
+        if q.mix_by == "sensitivity" and self.calibration is None:
+            raise DropquantError("search: a mix by sensitivity needs the calibration tokens (run the calibrate "
+                                 "stage), or quantize.mix_by: importance")
         plan = self.plan(c.method, c.n) if c.n else None
         if plan is None:
             open_stack = self.stack
@@ -261,7 +257,8 @@ class Workbench:
         kept = None if plan is None else [i for i in range(self.config.num_hidden_layers) if i not in plan.blocks]
         names = SimpleNamespace(tensor_names=info["tensor_names"], permuted=info["permuted"])
         return build_mix(source, out, target=axis_target(c.quant_type), types=q.mix_types, by=q.mix_by, info=names,
-                         open_stack=open_stack, tokens=tokens, importance=(self.scores or {}).get("importance"),
+                         open_stack=open_stack, tokens=None if self.calibration is None else self.calibration[0],
+                         mix_tokens=q.mix_tokens, importance=(self.scores or {}).get("importance"),
                          layer_map=kept, work=self.scratch / f"{c.name}.mix")
 
     def source_type(self) -> str:
