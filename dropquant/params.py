@@ -129,7 +129,7 @@ class QuantizeParams(_Section):
         return self
 
 
-HEAL_METHODS = ("none", "linear", "distill", "linear+distill")
+HEAL_METHODS = ("none", "linear", "merged", "distill", "linear+distill", "merged+distill")
 HEAL_TRAIN = ("norms", "lora", "all")
 HEAL_PRECISIONS = ("float32", "bfloat16")
 
@@ -141,6 +141,12 @@ class HealParams(_Section):
     # linear: each dropped attention (and dropped block) replaced by X + W·LN(X), W by ridge least squares
     ridge: float = Field(1e-3, ge=0)  # ridge strength, relative to the mean eigenvalue of LN(X)ᵀLN(X)
     fit_on: Literal["base", "healed"] = "base"  # inputs of the fit: the unpruned model's, or the partially healed model's
+    # merged: a map T per cut folded into the kept projection before it (no parameter added)
+    form: Literal["map", "projection"] = "map"  # T on the host's output (hidden²), or its whole last projection refitted
+    objective: Literal["ls", "cosine"] = "ls"  # ridge least squares (closed form), or ReplaceMe's cosine distance
+    cosine_steps: int = Field(200, ge=1)  # Adam steps of the cosine objective, from the least-squares map
+    cosine_lr: float = Field(1e-4, gt=0)
+    fallback: Literal["linear", "none"] = "linear"  # a cut with no kept sublayer before it (layer 0's attention)
     # distill: KL to the unpruned model's next-token distribution (its top-k cached) on the calibration tokens
     train: Literal[HEAL_TRAIN] = "lora"  # what is trained: norms | lora (merged back into the weights) | all
     lora_rank: int = Field(16, ge=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dropquant.errors import DropquantError
-from dropquant.heal.linear import fit_linear, healed_record, write_linear_healed
+from dropquant.heal.linear import fit_linear, healed_record, write_healed
 from dropquant.model.layerwise import InMemoryStack
 from dropquant.prune.pruned_checkpoint import load_pruned, save_pruned
 from dropquant.prune.surgery import prune_model
@@ -37,7 +37,7 @@ def _healed(base, p, tmp_path, ids, **fit_kw):
     """The pruned checkpoint of `base` under plan `p`, healed with stand-ins fitted on `ids`; (dir, fit)."""
     save_pruned(prune_model(copy.deepcopy(base), p), tmp_path / "pruned")
     fit = fit_linear(InMemoryStack(base), p, ids, progress=False, **{"ridge": 1e-4, **fit_kw})
-    write_linear_healed(tmp_path / "pruned", tmp_path / "healed", p, fit, "test")
+    write_healed(tmp_path / "pruned", tmp_path / "healed", p, "test", fit)
     return tmp_path / "healed", fit
 
 

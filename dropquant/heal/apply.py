@@ -15,7 +15,7 @@ import torch
 from dropquant.artifacts import PLAN_ID, check_same, json_digest, read_json
 from dropquant.errors import DropquantError
 from dropquant.heal.distill import check_precision, distill, teacher_targets
-from dropquant.heal.linear import HEAL_ID, fit_linear, standin_layers, standin_parameters, write_linear_healed
+from dropquant.heal.linear import HEAL_ID, fit_linear, standin_layers, standin_parameters, write_healed
 from dropquant.prune.pruned_checkpoint import load_pruned, save_pruned, side_files
 from dropquant.prune.selection import DropPlan
 from dropquant.prune.surgery import RECORD_KEY
@@ -72,7 +72,24 @@ def nothing_to_heal(plan: dict) -> bool:
     return DropPlan.from_json(plan).is_empty
 
 
-# --- the whole heal: linear, distill, or both ------------------------------------------------------------------
+def _merge(dplan, hp, open_base, train, pruned_dir: Path, out: Path, hid: str, batch_size: int, progress: bool) -> dict:
+    """The merged maps (and any fallback stand-ins) fitted and written to `out`; their heal.json record."""
+    from dropquant.heal.merged import fit_merged, merged_parameters_changed, plan_cuts, sublayer_name
+
+    log.info("fitting merged maps for %d cut(s) on %d tokens (%s inputs, %s objective, ridge %g)",
+             len(plan_cuts(dplan)), train.numel(), hp.fit_on, hp.objective, hp.ridge)
+    fit = fit_merged(open_base(), dplan, train, ridge=hp.ridge, fit_on=hp.fit_on, objective=hp.objective, form=hp.form,
+                     fallback=hp.fallback, cosine_steps=hp.cosine_steps, cosine_lr=hp.cosine_lr, seed=hp.seed,
+                     batch_size=batch_size, progress=progress)
+    write_healed(pruned_dir, out, dplan, hid, fit.standins, fit.folded())
+    return {"cuts": [{"cut": c.describe(), "host": None if c.host is None else sublayer_name(c.host),
+                      "explained": fit.explained.get(c.host), "explained_plain": fit.plain.get(c.host)}
+                     for c in fit.cuts],
+            "params_changed": merged_parameters_changed(fit), "params_added": standin_parameters(fit.standins),
+            "fallback_layers": sorted(fit.standins.weights), "seconds": round(fit.seconds, 2)}
+
+
+# --- the whole heal: linear, merged, distill ------------------------------------------------------------------
 
 def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Path, tokens: torch.Tensor,
          calibration_sha256: str, open_base, dtype: torch.dtype, device: str, batch_size: int = 2,
@@ -112,9 +129,13 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
             fit = fit_linear(open_base(), dplan, train, ridge=hp.ridge, fit_on=hp.fit_on, batch_size=batch_size,
                              progress=progress)
             student_dir = out_dir / "linear" if "distill" in method else checkpoint
-            write_linear_healed(pruned_dir, student_dir, dplan, fit, record[HEAL_ID])
+            write_healed(pruned_dir, student_dir, dplan, record[HEAL_ID], fit)
             record["linear"] = {"layers": sorted(fit.weights), "explained": {str(k): v for k, v in fit.explained.items()},
                                 "params_added": standin_parameters(fit), "seconds": round(fit.seconds, 2)}
+    if "merged" in method:
+        student_dir = out_dir / "merged" if "distill" in method else checkpoint
+        record["merged"] = _merge(dplan, hp, open_base, train, pruned_dir, student_dir, record[HEAL_ID], batch_size,
+                                  progress)
     if "distill" in method:
         targets = teacher_targets(open_base(), tokens, hp.topk, hidden=hp.hidden_weight > 0, batch_size=batch_size,
                                   progress=progress)

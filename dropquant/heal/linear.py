@@ -158,10 +158,19 @@ def fit_linear(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: st
 
 # --- writing the healed checkpoint ---------------------------------------------------------------------------
 
-def write_linear_healed(pruned_dir: Path, out_dir: Path, plan, fit: LinearFit, heal_id: str) -> dict:
-    """The pruned checkpoint plus the fitted stand-ins, written tensor by tensor (no model is loaded)."""
+# The projection a merged map folds into, by the host's half: its output is H, so H·T is this weight's Tᵀ·W.
+FOLD_INTO = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+
+
+def write_healed(pruned_dir: Path, out_dir: Path, plan, heal_id: str, fit: Optional[LinearFit] = None,
+                 folded: Optional[dict[tuple[int, str], tuple[str, torch.Tensor]]] = None) -> dict:
+    """The pruned checkpoint plus the fitted stand-ins `fit`, with the merged fits `folded` ((original layer,
+    "attn" | "mlp") → (form, X), dropquant.heal.merged) written into their host's output projection; tensor by
+    tensor (no model is loaded)."""
     from transformers import GenerationConfig
 
+    fit = fit or LinearFit()
+    folded = folded or {}
     config = config_from_checkpoint(pruned_dir)
     pruned_record = read_record(config)
     record = {**healed_record(plan, pruned_record, sorted(fit.weights)), HEAL_ID: heal_id}
@@ -186,7 +195,16 @@ def write_linear_healed(pruned_dir: Path, out_dir: Path, plan, fit: LinearFit, h
             return extra[name].to(state[name].dtype)
         parts = name.split(".")
         if name.startswith("model.layers."):
-            parts[2] = str(in_pruned[record["kept_layers"][int(parts[2])]])
+            orig = record["kept_layers"][int(parts[2])]
+            parts[2] = str(in_pruned[orig])
+            tensor = pruned.get(".".join(parts))
+            for (host, half), (form, x) in folded.items():
+                if host == orig and len(parts) == 6 and ".".join(parts[3:5]) == FOLD_INTO[half]:
+                    if form == "projection":  # the refitted projection z·X (+ the bias as it was)
+                        return tensor if parts[5] == "bias" else x.T.to(tensor.dtype).contiguous()
+                    # out·T with out = z·Wᵀ + b: the weight becomes Tᵀ·W and the bias Tᵀ·b.
+                    return (x.double().T @ tensor.double()).to(tensor.dtype)
+            return tensor
         return pruned.get(".".join(parts))
 
     try:
