@@ -196,8 +196,10 @@ def part_stream(args, out: Result) -> None:
                  finite=all(x == x for u in scores["importance"].values() for x in u),
                  peak_rss_gb=round(peak_rss_bytes() / 1e9, 2))
         if on_gpu:
-            layer_bytes = (weights - 2 * config.vocab_size * config.hidden_size * 2) / layers
+            embedding = config.vocab_size * config.hidden_size * 2  # read onto the GPU whole for each batch
+            layer_bytes = (weights - 2 * embedding) / layers
             out.save(peak_gpu_gb=round((torch.cuda.max_memory_allocated() - before) / 1e9, 2),
+                     embedding_gb=round(embedding / 1e9, 3),
                      gpu_after_gb=round((torch.cuda.memory_allocated() - before) / 1e9, 3),
                      reserved_after_gb=round(torch.cuda.memory_reserved() / 1e9, 3),
                      layer_gb=round(layer_bytes / 1e9, 3), gpu=torch.cuda.get_device_name())

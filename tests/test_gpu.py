@@ -155,7 +155,7 @@ def test_auto_offloads_every_layer_unless_the_model_is_kept_on_the_cpu(gpu_build
 
 def test_llama_cpp_devices_are_read_from_the_build():
     devices = device.llama_devices()
-    assert devices and devices[0]["type"] == "cpu" and devices[0]["backend"] == "CPU"
+    assert any(d["type"] == "cpu" and d["backend"] == "CPU" for d in devices)
     assert device.gpu_offload_supported() == bool(device.gpu_devices())
 
 
@@ -257,27 +257,28 @@ def test_metrics_json_names_the_gpu_layers_only_when_offloaded():
 
 # --- the device check on a machine without CUDA ------------------------------------------------------------------
 
-def test_gpu_check_without_cuda_says_so(tmp_path):
+def test_gpu_check_without_cuda_says_so(tmp_path, capsys):
+    from benchmarks.gpu_check import NO_CUDA, main
+
     if torch.cuda.is_available():
         pytest.skip("CUDA is here: the device check would run")
-    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "gpu_check")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 3, out.stderr
-    assert "no CUDA" in out.stdout + out.stderr
+    assert main(["--out", str(tmp_path / "gpu_check")]) == NO_CUDA
+    assert "no CUDA" in capsys.readouterr().err
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["cuda"] is False and "no CUDA" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_gpu_check_parts_run_on_the_cpu(tmp_path):
-    """The device check's plumbing, `--device cpu --quick` on a tiny random model: every part it can run here."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick",
-                          "--parts", "stream", "--out", str(tmp_path / "check")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=180)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+def test_gpu_check_parts_run_on_the_cpu(tmp_path, monkeypatch):
+    """The device check's plumbing, `--device cpu --quick` on a tiny random model: a part in its own process under
+    its limit, the report written."""
+    from benchmarks.gpu_check import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["--device", "cpu", "--quick", "--parts", "stream", "--out", str(tmp_path / "check")]) == 0
     report = json.loads((tmp_path / "check.json").read_text())
     stream = report["parts"]["stream"]
-    assert stream["status"] == "ok" and stream["seconds"] > 0 and stream["layers"] >= 2
-    assert "stream" in (tmp_path / "check.md").read_text()
+    assert stream["status"] == "ok" and stream["seconds"] > 0 and stream["layers"] >= 2 and stream["finite"]
+    assert "## stream: ok" in (tmp_path / "check.md").read_text()
 
 
 # --- torch on CUDA ---------------------------------------------------------------------------------------------
@@ -286,13 +287,12 @@ def _tokens(n=4, seq=32, vocab=128):
     return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32])
 @pytest.mark.gpu
 @cuda
-def test_scores_on_cuda_equal_the_cpus(dtype):
+def test_scores_on_cuda_equal_the_cpus():
     from dropquant.prune.scoring import score_model
 
-    model = make_tiny(layers=4).to(dtype)
+    model = make_tiny(layers=4)
     on_cpu = score_model(model, _tokens(), batch_size=2, progress=False)
     on_gpu = score_model(model.to("cuda"), _tokens(), batch_size=2, progress=False)
     for unit in ("attn", "mlp", "block"):
@@ -311,7 +311,7 @@ def test_streamed_layers_hand_their_gpu_memory_back(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
+    before, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     stack = StreamedStack(tmp_path / "ckpt", load_config(resolve_source(str(tmp_path / "ckpt"))), torch.float32,
                           "cuda")
     held = []
@@ -324,7 +324,8 @@ def test_streamed_layers_hand_their_gpu_memory_back(tmp_path):
     run_layers(stack, _tokens(), [Watch(5)], batch_size=2, progress=False)
     assert max(held) - min(held) < layer_bytes  # one layer at a time, never an accumulation
     assert torch.cuda.memory_allocated() - before < layer_bytes  # the last one released too
-    assert torch.cuda.memory_reserved() < 4 * layer_bytes + 64 * 2**20  # the cache handed back (empty_cache)
+    # the cache handed back (empty_cache); what is left is a few of the allocator's blocks for small tensors
+    assert torch.cuda.memory_reserved() - reserved < 2 * layer_bytes + 64 * 2**20
 
 
 @pytest.mark.gpu
@@ -389,16 +390,20 @@ def test_distill_in_bfloat16_on_cuda_runs_and_float32_repeats_itself():
 
 @pytest.mark.gpu
 @cuda
-def test_llama_cpp_on_the_gpu_gives_the_cpus_logits(tiny_gguf):
+def test_llama_cpp_on_the_gpu_gives_the_cpus_next_tokens(embedded):
     if not device.gpu_offload_supported():
         pytest.skip("this llama.cpp build has no GPU backend (make setup on a machine with nvcc builds one)")
+    from dropquant.evaluation.fidelity import _log_softmax
     from dropquant.evaluation.llamacpp_lm import open_llama
 
-    tokens = list(range(10, 40))
     rows = []
     for layers in (0, -1):
-        llm = open_llama(tiny_gguf[1], 64, 1, gpu_layers=layers)
+        llm = open_llama(embedded, 128, 1, gpu_layers=layers)
+        tokens = llm.tokenize(b"The capital of France is Paris. The largest planet of the solar system is Jupiter, "
+                              b"and the closest star to the Earth is the Sun.")
         llm.eval(tokens)
-        rows.append(torch.tensor(llm.scores[:len(tokens)]))
-    assert (rows[0] - rows[1]).abs().max() < 1e-2 * max(1.0, rows[0].abs().max().item())
-    assert device.describe(-1, tiny_gguf[1])["gpu_layers"] == 3 and device.backend() == "cuda"
+        rows.append(_log_softmax(llm.scores[:len(tokens)]))
+    # CUDA's kernels round otherwise than the CPU's (F16 attention, another matmul order): close, not equal.
+    kl = (torch.tensor(rows[0]).exp() * torch.tensor(rows[0] - rows[1])).sum(-1)
+    assert kl.mean() < 0.01 and (rows[0].argmax(-1) == rows[1].argmax(-1)).mean() >= 0.9
+    assert device.describe(-1, embedded)["gpu_layers"] == 31 and device.backend() == "cuda"
