@@ -11,7 +11,8 @@ default, so that it fits 8 minutes of one H100), the report rewritten after each
           the attention-8 plan each gives), and in bfloat16 on the GPU
   heal    `linear+distill` of the embedded model's attention-8 plan on the GPU: with the CPU run's settings (32
           samples of 512 tokens, 28 fitted + 4 held out, heal.* defaults: 120 LoRA steps) and with a 10x budget
-          (samples x steps: 144 samples, 240 steps), each with its time and KL recovered on the held-out samples
+          (samples x steps: 144 samples, 240 steps; float32, and bfloat16 where the GPU has it), each with its time
+          and KL recovered on the held-out samples
   stream  scores of a random Llama-3-8B-shaped model (16 layers, bfloat16, written to a scratch folder) streamed one
           layer at a time onto the GPU: time and peak GPU memory
   speed   with a CUDA build of llama.cpp only: attention-8 against the unpruned model, Q8_0, every layer on the GPU
@@ -39,8 +40,8 @@ PARTS = {"tests": 90, "scores": 75, "heal": 180, "stream": 120, "speed": 90}  # 
 BUDGET_S = 450
 NO_CUDA = 3
 GPU_TEST_FILES = ("test_gpu.py", "test_streaming.py")  # the files with tests marked `gpu`
-ATTN_8 = [5, 6, 7, 9, 25, 26, 28, 29]
-LLAMA3_VOCAB = 128256  # the embedded model's attention-8 plan on the CPU (docs/heal.md)
+ATTN_8 = [5, 6, 7, 9, 25, 26, 28, 29]  # the embedded model's attention-8 plan on the CPU (docs/heal.md)
+LLAMA3_VOCAB = 128256
 # The CPU run of docs/heal.md: 32 x 512 calibration tokens, heal.* defaults (steps 120); the 10x budget multiplies
 # training samples x steps by 10: (144 - 4) x 240 = 10 x (32 - 4) x 120.
 HEAL_RUNS = {"cpu_settings": (32, 120), "budget_10x": (144, 240)}
