@@ -2,7 +2,12 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# llama.cpp's backend: GPU=auto (CUDA where nvidia-smi lists a GPU and nvcc is found, else the CPU), on or off
+# (docs/gpu.md). The stamp names a non-CPU backend, so that switching backends installs the other build.
+GPU ?= $(or $(DROPQUANT_GPU),auto)
+export DROPQUANT_GPU := $(GPU)
+LLAMA_BACKEND := $(shell DROPQUANT_GPU=$(GPU) scripts/llama-cpp-wheel.sh python3 --print-backend 2>/dev/null || echo cpu)
+STAMP := $(VENV)/.installed$(if $(filter-out cpu,$(LLAMA_BACKEND)),-$(LLAMA_BACKEND))
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Offline and self-contained by default: no telemetry, Prefect state inside the repo.
 export DVC_NO_ANALYTICS := 1
@@ -16,11 +21,13 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-# Reinstalls only when the dependency list, the pins or the llama.cpp build recipe change.
-# llama-cpp-python comes from scripts/llama-cpp-wheel.sh: built from source without ggml's AMX path, cached
-# under a key of its flags and this CPU (never pip's sdist-keyed wheel cache); the set-up check then runs
-# the embedded model in llama.cpp in a subprocess, so a broken build stops here with one message.
-$(STAMP): pyproject.toml constraints.txt scripts/llama-cpp-wheel.sh
+# Reinstalls only when the dependency list, the pins, the llama.cpp build recipe or its backend change.
+# llama-cpp-python comes from scripts/llama-cpp-wheel.sh: built from source without ggml's AMX path (with CUDA
+# where there is a GPU), cached under a key of its flags, this CPU and the GPU (never pip's sdist-keyed wheel
+# cache); the set-up check then runs the embedded model in llama.cpp in a subprocess, on the GPU too where the
+# build has one, so a broken build stops here with one message.
+$(STAMP): pyproject.toml constraints.txt scripts/llama-cpp-wheel.sh scripts/llama-cpp-common.sh
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -189,6 +189,9 @@ class EvalParams(_Section):
     source_kld: bool = False  # also the KL from the unpruned model in its source precision (the search's scale)
     speed: bool = True
     threads: int = Field(2, ge=1)  # llama.cpp threads for accuracy and fidelity
+    # llama.cpp layers on the GPU (n_gpu_layers) for accuracy, chat, fidelity and speed: auto = every layer where the
+    # build has a GPU backend and model.device is not cpu, else none; -1 = every layer (dropquant/evaluation/device.py)
+    gpu_layers: Union[Literal["auto"], int] = "auto"
     n_ctx: int = Field(2048, ge=256)  # llama.cpp context for the benchmark tasks (few-shot prompts must fit)
     # Speed (dropquant/evaluation/speed.py): rounds of A/B measurement, added until the per-round ratios agree.
     speed_rounds: int = Field(3, ge=1)  # rounds that must agree within speed_tolerance (and the fewest run)
@@ -204,6 +207,16 @@ class EvalParams(_Section):
             raise ValueError(f"speed_max_rounds ({self.speed_max_rounds}) must be >= speed_rounds "
                              f"({self.speed_rounds})")
         return self
+
+    @field_validator("gpu_layers")
+    @classmethod
+    def _gpu_layers(cls, v):
+        # Refused here, before any artifact is read: a build without a GPU backend would ignore the layers silently.
+        # (llama_cpp is imported only for an explicit number of layers: params stay cheap to validate otherwise.)
+        from .evaluation.device import check_gpu_layers
+
+        check_gpu_layers(v)
+        return v
 
     @field_validator("fidelity_tokens")
     @classmethod

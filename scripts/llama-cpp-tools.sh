@@ -6,7 +6,8 @@
 #
 # Cached like scripts/llama-cpp-wheel.sh: the directory is keyed by the version, the CMake flags, this CPU's
 # feature flags and the compiler; a build is renamed into place whole, so a killed build never looks finished.
-# Same AMX rule as the wheel: -U__AMX_INT8__ removes ggml's AMX matmul path (ggml-org/llama.cpp#20824).
+# Same AMX rule as the wheel: -U__AMX_INT8__ removes ggml's AMX matmul path (ggml-org/llama.cpp#20824). Same backend
+# as the wheel too (DROPQUANT_GPU, choose_backend): the tools measure what the Python package runs.
 # Exit status 3 (and a message) when there is no C/C++ compiler or cmake: callers skip the comparison.
 #
 # usage: scripts/llama-cpp-tools.sh PYTHON [--print-dir]
@@ -17,8 +18,15 @@ TARGETS="llama-perplexity llama-bench llama-batched-bench"
 CMAKE_FLAGS="-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TOOLS=ON \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
 -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF ${DROPQUANT_LLAMA_CMAKE_ARGS:-}"
+choose_backend
+KEY=("$TARGETS" "$CMAKE_FLAGS")
+if [ "$BACKEND" != cpu ]; then
+  CMAKE_FLAGS="$CMAKE_FLAGS $BACKEND_FLAGS"
+  KEY=("$TARGETS" "$CMAKE_FLAGS" "$BACKEND_KEY")
+  export CUDACXX="$NVCC"
+fi
 CACHE=${DROPQUANT_TOOLS_CACHE:-$CACHE_ROOT/llama-cpp-tools}
-DIR="$CACHE/$VERSION-$(build_key "$TARGETS" "$CMAKE_FLAGS")"
+DIR="$CACHE/$VERSION-$(build_key "${KEY[@]}")"
 if [ "${2:-}" = "--print-dir" ]; then echo "$DIR"; exit 0; fi
 missing=0
 for t in $TARGETS; do [ -x "$DIR/$t" ] || missing=1; done

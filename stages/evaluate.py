@@ -3,7 +3,8 @@ top-1 agreement), chat quality (IFEval, GSM8K, MT-Bench drift) and llama.cpp spe
 
 `--baseline` evaluates the unpruned GGUF once (accuracy, the fidelity reference, its chat results and MT-Bench
 conversations) into data/baseline/eval, which DVC caches per quant type and eval parameters; the plain stage
-reuses it, and writes the metrics, details and the MT-Bench transcripts page.
+reuses it, and writes the metrics, details and the MT-Bench transcripts page. Every llama.cpp model both open
+gets `eval.gpu_layers` layers on the GPU (resolved once: dropquant/evaluation/device.py); where it ran is recorded.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dropquant.atomic import atomic_dir, write_json
 from dropquant.errors import DropquantError
 from dropquant.evaluation.accuracy import evaluate_accuracy, make_lm
 from dropquant.evaluation.chat_eval import compare_chat, evaluate_chat
+from dropquant.evaluation.device import describe, resolve_gpu_layers
 from dropquant.evaluation.fidelity import Reference, build_reference, compare, heldout_text
 from dropquant.evaluation.metrics import build_metrics, headline
 from dropquant.evaluation.plots import write_heatmap, write_offline_template, write_plots
@@ -51,6 +53,10 @@ def _reuse_key(params) -> dict:
             "chat": e.chat.model_dump(exclude={"transcripts"})}
 
 
+def _gpu_layers(params) -> int:
+    return resolve_gpu_layers(params.eval.gpu_layers, params.model.device)
+
+
 BASE_HINT = "run the baseline stage: python -m stages.quantize --baseline"
 BASE_EVAL_HINT = "run the baseline_eval stage: python -m stages.evaluate --baseline"
 
@@ -59,13 +65,15 @@ def run_baseline(params, args) -> None:
     e = params.eval
     base = Path(args.base_gguf)
     base_manifest = read_gguf_manifest(base.parent, BASE_HINT)
+    gpu = _gpu_layers(params)
     data_dir = _data_dir(params)
-    accuracy = evaluate_accuracy(make_lm(base, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
+    accuracy = evaluate_accuracy(make_lm(base, e.n_ctx, e.threads, gpu_layers=gpu), list(e.tasks), e.limit, e.fewshot,
+                                 data_dir)
     ref = None
     if e.fidelity_tokens:
         text, source = heldout_text(data_dir)
-        ref = build_reference(base, text, e.fidelity_tokens, e.threads, source=source)
-    chat = evaluate_chat(base, e.chat, e.threads, data_dir) if e.chat.tasks else None
+        ref = build_reference(base, text, e.fidelity_tokens, e.threads, source=source, gpu_layers=gpu)
+    chat = evaluate_chat(base, e.chat, e.threads, data_dir, gpu_layers=gpu) if e.chat.tasks else None
     with atomic_dir(args.base_eval) as tmp:
         write_json(tmp / "accuracy.json", accuracy)
         if chat is not None:
@@ -75,7 +83,7 @@ def run_baseline(params, args) -> None:
         write_json(tmp / "manifest.json", {"gguf": str(base), "gguf_bytes": os.path.getsize(base),
                                            "gguf_sha256": base_manifest["sha256"],
                                            "base_ppl": ref.ppl if ref is not None else None,
-                                           "params": _reuse_key(params)})
+                                           "params": _reuse_key(params), "device": describe(gpu, base)})
     log.info("baseline: avg %s, ppl %s -> %s", accuracy["avg"], ref.ppl if ref is not None else None, args.base_eval)
 
 
@@ -108,7 +116,8 @@ def check_inputs(params, args) -> dict:
                        params.quantize.target, "run the quantize and baseline stages")
     reference = check_reference(params, args, (variant.get("model") or {}).get("fingerprint"))
     return {"plan": plan, "gguf_sha256": variant["sha256"], "base_gguf_sha256": base["sha256"], "heal": heal,
-            "reference": reference, "heal_kl": heal_recovery(args, variant, heal), "mix": variant.get("mix")}
+            "reference": reference, "heal_kl": heal_recovery(args, variant, heal), "mix": variant.get("mix"),
+            "base_device": manifest.get("device")}
 
 
 def heal_recovery(args, variant: dict, heal: str) -> dict | None:
@@ -137,14 +146,15 @@ def check_reference(params, args, variant_model: str | None) -> dict | None:
     return manifest
 
 
-def source_fidelity(params, args, variant: Path, data_dir, manifest: dict) -> dict:
+def source_fidelity(params, args, variant: Path, data_dir, manifest: dict, gpu_layers: int = 0) -> dict:
     """Fidelity against the unpruned model in its source precision (data/reference/gguf), the same scale for
     every quant type (the one `python -m flows search` budgets on)."""
     e = params.eval
     text, origin = heldout_text(data_dir)
     logits: list = []
-    ref = build_reference(args.reference_gguf, text, e.fidelity_tokens, e.threads, source=origin, keep_logits=logits)
-    out = compare(variant, ref, e.threads, cached_base=logits)
+    ref = build_reference(args.reference_gguf, text, e.fidelity_tokens, e.threads, source=origin, keep_logits=logits,
+                          gpu_layers=gpu_layers)
+    out = compare(variant, ref, e.threads, cached_base=logits, gpu_layers=gpu_layers)
     out["reference_type"] = manifest.get("type")
     return out
 
@@ -156,24 +166,32 @@ def run_variant(params, args) -> None:
     base_accuracy = json.loads((base_eval / "accuracy.json").read_text())
     plan = inputs["plan"]
     method, n = plan["method"], plan["n"]
+    gpu = _gpu_layers(params)
+    device = describe(gpu, variant)
+    base_device = inputs["base_device"]
+    if base_device is not None and base_device.get("device") != device["device"]:
+        log.warning("the baseline evaluation ran on %s, this variant on %s: their accuracy is compared across devices "
+                    "(llama.cpp's kernels round differently); `dvc repro -f baseline_eval` re-measures the base here",
+                    base_device.get("device"), device["device"])
 
     data_dir = _data_dir(params)
-    accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data_dir)
+    accuracy = evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads, gpu_layers=gpu), list(e.tasks), e.limit,
+                                 e.fewshot, data_dir)
     fidelity = compare(variant, Reference.load(base_eval / "fidelity_ref.npz"), e.threads, base_path=base,
-                       kld=e.kld) if e.fidelity_tokens else None
-    fidelity_source = (source_fidelity(params, args, variant, data_dir, inputs["reference"])
+                       kld=e.kld, gpu_layers=gpu) if e.fidelity_tokens else None
+    fidelity_source = (source_fidelity(params, args, variant, data_dir, inputs["reference"], gpu)
                        if inputs["reference"] is not None else None)
     chat = base_chat = None
     if e.chat.tasks:
         base_chat = read_json(base_eval / "chat.json", "baseline chat results", BASE_EVAL_HINT)
-        chat = compare_chat(variant, base, e.chat, e.threads, data_dir, base_chat)
+        chat = compare_chat(variant, base, e.chat, e.threads, data_dir, base_chat, gpu_layers=gpu)
     speed = ab_compare(variant, base, rounds=e.speed_rounds, max_rounds=e.speed_max_rounds, tolerance=e.speed_tolerance,
-                       threads=e.speed_threads, tg_tokens=e.speed_tg_tokens) if e.speed else None
+                       threads=e.speed_threads, tg_tokens=e.speed_tg_tokens, gpu_layers=gpu) if e.speed else None
 
     metrics = build_metrics(method=method, n=n, quant_type=params.quantize.type, tasks=list(e.tasks),
                             accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed,
                             variant_bytes=os.path.getsize(variant), chat=chat, heal=inputs["heal"],
-                            base_bytes=os.path.getsize(base))
+                            base_bytes=os.path.getsize(base), device=device)
     if fidelity_source is not None:
         metrics["kld_source"] = fidelity_source["kld"]
         metrics["kld_source_stderr"] = fidelity_source["kld_stats"]["stderr"]
@@ -198,7 +216,7 @@ def run_variant(params, args) -> None:
     write_json(out / "details.json", {"metrics": metrics, "accuracy": accuracy, "base_accuracy": base_accuracy,
                                       "fidelity": fidelity, "fidelity_source": fidelity_source, "chat": chat,
                                       "speed": speed, "heal_kl": inputs["heal_kl"], "plan": plan_summary(plan),
-                                      "variant": str(variant), "base": str(base)})
+                                      "variant": str(variant), "base": str(base), "base_device": base_device})
     write_json(out / "metrics.json", headline(metrics))
     log.info("evaluate %s: avg %s (base %s), ppl %s (base %s), kld %s, top1 %s, speedup pp %s tg %s",
              label, metrics["avg"], metrics["base_avg"], metrics["ppl"], metrics["base_ppl"], metrics["kld"],

@@ -169,6 +169,7 @@ def test_cuda_device_refused_without_a_gpu():
         resolve_device("cuda:1")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_scores_equal_cpu_scores(tmp_path):
     path = checkpoint(tmp_path)

@@ -112,7 +112,8 @@ def _base_gguf(base, quant_type: Optional[str], scratch: Path) -> Path:
 def evaluate(gguf: Union[str, "os.PathLike[str]"], base: Union[str, "os.PathLike[str]"], *,
              tasks: Sequence[str] = (), limit: int = 100, fewshot: Union[int, str] = 0,
              data_dir: Optional[str] = "../shared/data", fidelity_tokens: int = 4096, kld: str = "full",
-             threads: int = 2, n_ctx: int = 2048, speed: bool = False) -> Evaluation:
+             threads: int = 2, n_ctx: int = 2048, speed: bool = False,
+             gpu_layers: Union[str, int] = "auto") -> Evaluation:
     """Measure a GGUF file against the unpruned model's, as the evaluate stage does.
 
     Args:
@@ -130,6 +131,8 @@ def evaluate(gguf: Union[str, "os.PathLike[str]"], base: Union[str, "os.PathLike
         threads: llama.cpp threads.
         n_ctx: llama.cpp context for the tasks.
         speed: also measure llama.cpp speed and memory, variant against base (minutes).
+        gpu_layers: llama.cpp layers on the GPU (``eval.gpu_layers``): ``"auto"`` (every layer where the llama.cpp
+            build has a GPU backend, else none), ``-1`` (every layer) or a number; refused without a GPU backend.
 
     Returns:
         An :class:`Evaluation`; ``result.kld``, ``result["avg"]``, ``print(result)``.
@@ -139,6 +142,7 @@ def evaluate(gguf: Union[str, "os.PathLike[str]"], base: Union[str, "os.PathLike
     """
     from dropquant.api._gguf import read_manifest
     from dropquant.evaluation.accuracy import evaluate_accuracy, make_lm
+    from dropquant.evaluation.device import describe, resolve_gpu_layers
     from dropquant.evaluation.fidelity import build_reference, compare, heldout_text
     from dropquant.evaluation.metrics import build_metrics
     from dropquant.evaluation.speed import ab_compare
@@ -148,8 +152,9 @@ def evaluate(gguf: Union[str, "os.PathLike[str]"], base: Union[str, "os.PathLike
         "tasks": ("eval.tasks", tasks), "limit": ("eval.limit", limit), "fewshot": ("eval.fewshot", fewshot),
         "data_dir": ("eval.data_dir", data_dir), "fidelity_tokens": ("eval.fidelity_tokens", fidelity_tokens),
         "kld": ("eval.kld", kld), "threads": ("eval.threads", threads), "n_ctx": ("eval.n_ctx", n_ctx),
-        "speed": ("eval.speed", speed)})
+        "speed": ("eval.speed", speed), "gpu_layers": ("eval.gpu_layers", gpu_layers)})
     e = params.eval
+    gpu = resolve_gpu_layers(e.gpu_layers, params.model.device)
     variant = existing_path(gguf, "gguf")
     manifest = read_manifest(variant) or {}
     plan = manifest.get("plan") or {}
@@ -157,24 +162,25 @@ def evaluate(gguf: Union[str, "os.PathLike[str]"], base: Union[str, "os.PathLike
         base_path = _base_gguf(base, manifest.get("type"), Path(scratch))
         data = _data_dir(e.data_dir)
         empty = {"tasks": {}, "skipped": [], "avg": None}
-        base_accuracy = (evaluate_accuracy(make_lm(base_path, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot,
-                                           data) if e.tasks else empty)
+        base_accuracy = (evaluate_accuracy(make_lm(base_path, e.n_ctx, e.threads, gpu_layers=gpu), list(e.tasks),
+                                           e.limit, e.fewshot, data) if e.tasks else empty)
         fidelity, logits = None, [] if e.kld == "full" else None
         ref = None
         if e.fidelity_tokens:
             text, origin = heldout_text(data)
-            ref = build_reference(base_path, text, e.fidelity_tokens, e.threads, source=origin, keep_logits=logits)
-        accuracy = (evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads), list(e.tasks), e.limit, e.fewshot, data)
-                    if e.tasks else empty)
+            ref = build_reference(base_path, text, e.fidelity_tokens, e.threads, source=origin, keep_logits=logits,
+                                  gpu_layers=gpu)
+        accuracy = (evaluate_accuracy(make_lm(variant, e.n_ctx, e.threads, gpu_layers=gpu), list(e.tasks), e.limit,
+                                      e.fewshot, data) if e.tasks else empty)
         if ref is not None:
-            fidelity = compare(variant, ref, e.threads, cached_base=logits, kld=e.kld)
+            fidelity = compare(variant, ref, e.threads, cached_base=logits, kld=e.kld, gpu_layers=gpu)
         speed_result = ab_compare(variant, base_path, rounds=e.speed_rounds, max_rounds=e.speed_max_rounds,
                                   tolerance=e.speed_tolerance, threads=e.speed_threads,
-                                  tg_tokens=e.speed_tg_tokens) if e.speed else None
+                                  tg_tokens=e.speed_tg_tokens, gpu_layers=gpu) if e.speed else None
         metrics = build_metrics(method=plan.get("method", "none" if manifest.get("baseline") else "unknown"),
                                 n=plan.get("n", 0), quant_type=manifest.get("type", "unknown"), tasks=list(e.tasks),
                                 accuracy=accuracy, base_accuracy=base_accuracy, fidelity=fidelity, speed=speed_result,
                                 variant_bytes=os.path.getsize(variant),
-                                heal=(manifest.get("heal") or {}).get("method") or "none")
+                                heal=(manifest.get("heal") or {}).get("method") or "none", device=describe(gpu, variant))
         kept_base = base_path if Path(base_path).parent != Path(scratch) else None
     return Evaluation(metrics, accuracy, base_accuracy, fidelity, speed_result, variant, kept_base)

@@ -15,13 +15,14 @@ from .tasks import SPECS, TASKS, fewshot_for, lm_eval_tasks_dir, offline_env, pr
 log = logging.getLogger(__name__)
 
 
-def make_lm(model: str | Path, n_ctx: int = 2048, threads: int = 2, batch_size: int = 8):
-    """lm-eval model for a GGUF file (our llama.cpp adapter) or a Hugging Face directory (lm-eval's HFLM)."""
+def make_lm(model: str | Path, n_ctx: int = 2048, threads: int = 2, batch_size: int = 8, gpu_layers: int = 0):
+    """lm-eval model for a GGUF file (our llama.cpp adapter, `gpu_layers` of it on the GPU) or a Hugging Face
+    directory (lm-eval's HFLM)."""
     path = Path(model)
     if path.is_file() and path.suffix == ".gguf":
         from .llamacpp_lm import LlamaCppLM
 
-        return LlamaCppLM(path, n_ctx=n_ctx, threads=threads)
+        return LlamaCppLM(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
     if path.is_dir() and (path / "config.json").is_file():
         import torch
         from lm_eval.models.huggingface import HFLM

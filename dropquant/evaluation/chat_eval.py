@@ -28,14 +28,14 @@ LM_EVAL_METRICS = {
 }
 
 
-def open_chat_lm(gguf: str | Path, chat, threads: int, parallel: Optional[int] = None):
+def open_chat_lm(gguf: str | Path, chat, threads: int, parallel: Optional[int] = None, gpu_layers: int = 0):
     """The llama.cpp model for chat: up to `chat.parallel` sequences (no more than a task has prompts), each in a
     KV stream of `chat.n_ctx` cells (the cache is allocated whole: parallel x n_ctx cells)."""
     from .llamacpp_lm import LlamaCppLM
 
     parallel = parallel or (min(chat.parallel, chat.limit) if chat.limit else chat.parallel)
     return LlamaCppLM(gguf, n_ctx=chat.n_ctx * parallel, threads=threads, n_seq_max=parallel, parallel=parallel,
-                      max_gen_toks=chat.max_tokens, chat=True, kv_unified=False)
+                      max_gen_toks=chat.max_tokens, chat=True, kv_unified=False, gpu_layers=gpu_layers)
 
 
 def _per_item(samples: list[dict], metric: str, filt: str) -> list:
@@ -89,11 +89,11 @@ def run_lm_eval_chat(lm, tasks: list[str], limit: int, data_dir: Optional[Path],
     return out
 
 
-def evaluate_chat(gguf: str | Path, chat, threads: int, data_dir: Optional[Path], lm=None) -> dict:
+def evaluate_chat(gguf: str | Path, chat, threads: int, data_dir: Optional[Path], lm=None, gpu_layers: int = 0) -> dict:
     """Everything one model is asked on its own: lm-eval's chat tasks and its MT-Bench conversations. A model
     without a chat template (a base model) skips them all, with a warning."""
     tasks = list(chat.tasks)
-    lm = lm or open_chat_lm(gguf, chat, threads)
+    lm = lm or open_chat_lm(gguf, chat, threads, gpu_layers=gpu_layers)
     out: dict = {"tasks": {}, "skipped": [], "mt_bench": None, "limit": chat.limit, "max_tokens": chat.max_tokens}
     if tasks and lm.chat_template(True) is None:
         log.warning("chat: skipping %s: %s has no chat template (tokenizer.chat_template)", ", ".join(tasks), gguf)
@@ -123,10 +123,10 @@ def paired(variant: dict, base: dict) -> dict:
 
 
 def compare_chat(variant_gguf: str | Path, base_gguf: str | Path, chat, threads: int, data_dir: Optional[Path],
-                 base_chat: dict) -> dict:
+                 base_chat: dict, gpu_layers: int = 0) -> dict:
     """The variant's own chat results, its MT-Bench drift from the base (teacher-forced on the base's
     conversations and free-running), and every figure beside the base's."""
-    variant_lm = open_chat_lm(variant_gguf, chat, threads)
+    variant_lm = open_chat_lm(variant_gguf, chat, threads, gpu_layers=gpu_layers)
     own = evaluate_chat(variant_gguf, chat, threads, data_dir, lm=variant_lm)
     tasks = {}
     for name, task in own["tasks"].items():
@@ -139,7 +139,8 @@ def compare_chat(variant_gguf: str | Path, base_gguf: str | Path, chat, threads:
         tasks[name]["stops"], tasks[name]["base_stops"] = task["stops"], base.get("stops")
     mt = None
     if own["mt_bench"] is not None and base_chat.get("mt_bench") is not None:
-        base_lm = open_chat_lm(base_gguf, chat, threads, parallel=1)  # teacher forcing: one sequence at a time
+        # teacher forcing: one sequence at a time
+        base_lm = open_chat_lm(base_gguf, chat, threads, parallel=1, gpu_layers=gpu_layers)
         tf_rows = mt_bench.teacher_forced(variant_lm, base_lm, base_chat["mt_bench"])
         mt = {"summary": mt_bench.summarize(tf_rows, own["mt_bench"], base_chat["mt_bench"]),
               "teacher_forced": tf_rows, "conversations": own["mt_bench"]}

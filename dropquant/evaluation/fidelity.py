@@ -162,11 +162,12 @@ class Reference:
 
 
 def build_reference(base_path: str | Path, text: str, n_tokens: int, threads: int = 2, *, source: str = "",
-                    top_k: int = TOP_K, n_ctx: int = FIDELITY_CTX, keep_logits: Optional[list] = None) -> Reference:
+                    top_k: int = TOP_K, n_ctx: int = FIDELITY_CTX, keep_logits: Optional[list] = None,
+                    gpu_layers: int = 0) -> Reference:
     """The compact reference of the base GGUF on the text's first n_tokens. `keep_logits`: a list that receives the
     raw logits of every chunk's scored positions, for `compare(cached_base=...)` to compare many variants with one
     base run (vocab x positions floats: ~400 MB for 4096 tokens of a 49152-token vocabulary)."""
-    llama = open_llama(base_path, n_ctx, threads)
+    llama = open_llama(base_path, n_ctx, threads, gpu_layers=gpu_layers)
     tokens, bos = tokenize(llama, text)
     cs = chunks(tokens, n_tokens, bos, n_ctx)
     nll, ids, logps, top1 = [], [], [], []
@@ -246,21 +247,22 @@ def summarize(*, nll: np.ndarray, base_nll: np.ndarray, agree: np.ndarray, kl: O
 
 
 def compare(variant_path: str | Path, ref: Reference, threads: int = 2, *, base_path: str | Path | None = None,
-            kld: str = "full", cached_base: Optional[list[np.ndarray]] = None) -> dict:
+            kld: str = "full", cached_base: Optional[list[np.ndarray]] = None, gpu_layers: int = 0) -> dict:
     """Perplexity of the variant, KL divergence from the base and top-1 agreement, on the reference's tokens.
 
     kld="full": the base GGUF (`base_path`, the file the reference was made from) and the variant are evaluated
     chunk by chunk in one pass and the KL is taken over the whole vocabulary (llama-perplexity --kl-divergence).
     kld="top64-bound": the base is not run; only the reference's top-64 bound is computed (`kld` is null).
-    cached_base: the base's logits kept by `build_reference`, used instead of running base_path again."""
+    cached_base: the base's logits kept by `build_reference`, used instead of running base_path again.
+    gpu_layers: llama.cpp's n_gpu_layers for both models (-1: every layer)."""
     if kld not in KLD_MODES:
         raise DropquantError(f"eval.kld={kld!r}: expected one of {', '.join(KLD_MODES)}")
     if kld == "full" and base_path is None and cached_base is None:
         raise DropquantError("the full KL divergence needs the base GGUF (base_path)")
     n_ctx = ref.chunks.shape[1]
-    llama = open_llama(variant_path, n_ctx, threads)
+    llama = open_llama(variant_path, n_ctx, threads, gpu_layers=gpu_layers)
     full = kld == "full"
-    base = open_llama(base_path, n_ctx, threads) if full and cached_base is None else None
+    base = open_llama(base_path, n_ctx, threads, gpu_layers=gpu_layers) if full and cached_base is None else None
     n_vocab = llama.n_vocab()
     base_vocab = base.n_vocab() if base is not None else (cached_base[0].shape[-1] if full else n_vocab)
     if n_vocab <= int(ref.top_ids.max()) or base_vocab != n_vocab:

@@ -51,10 +51,11 @@ def row_stats(rows: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray
 
 
 def open_llama(model_path: str | Path, n_ctx: int, threads: int, *, logits_all: bool = True, verbose: bool = False,
-               n_seq_max: int = 1, n_batch: int = 512, kv_unified: bool = True):
+               n_seq_max: int = 1, n_batch: int = 512, kv_unified: bool = True, gpu_layers: int = 0):
     """A llama_cpp.Llama with flash attention; `n_seq_max` > 1 gives it one KV cache of n_ctx cells shared by
     up to n_seq_max sequences (Llama() itself only makes single-sequence contexts), or with kv_unified=False
-    one stream of n_ctx / n_seq_max cells per sequence (each token then attends over its own stream only)."""
+    one stream of n_ctx / n_seq_max cells per sequence (each token then attends over its own stream only).
+    `gpu_layers`: llama.cpp's n_gpu_layers (-1: every layer; dropquant.evaluation.device)."""
     from llama_cpp import Llama
     from llama_cpp import _internals as internals
 
@@ -63,7 +64,8 @@ def open_llama(model_path: str | Path, n_ctx: int, threads: int, *, logits_all: 
         raise DropquantError(f"GGUF file not found: {path}")
     n_batch = min(n_batch, n_ctx)
     llama = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all,
-                  n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=verbose, seed=0)
+                  n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=verbose, seed=0,
+                  n_gpu_layers=gpu_layers)
     n_seq_max = min(n_seq_max, n_batch)  # llama.cpp reserves max(n_batch, n_seq_max) output rows at most
     if n_seq_max > 1:
         params = llama.context_params
@@ -203,7 +205,7 @@ class LlamaCppLM(TemplateLM):
     def __init__(self, model_path: str | Path, n_ctx: int = 2048, threads: int = 2, reuse_kv: bool = True,
                  max_gen_toks: int = 256, llama=None, n_batch: int = 512, n_seq_max: int = MAX_SEQUENCES,
                  pack_cells: Optional[int] = None, parallel: Optional[int] = None, chat: bool = False,
-                 kv_unified: bool = True) -> None:
+                 kv_unified: bool = True, gpu_layers: int = 0) -> None:
         import llama_cpp
 
         super().__init__()
@@ -211,7 +213,7 @@ class LlamaCppLM(TemplateLM):
         n_seq_max = min(n_seq_max, llama_cpp.llama_max_parallel_sequences()) if reuse_kv else 1
         self.llama = llama if llama is not None else open_llama(model_path, n_ctx, threads, logits_all=False,
                                                                 n_seq_max=n_seq_max, n_batch=n_batch,
-                                                                kv_unified=kv_unified)
+                                                                kv_unified=kv_unified, gpu_layers=gpu_layers)
         self._ctx = self.llama._ctx.ctx
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = self.llama.n_ctx()

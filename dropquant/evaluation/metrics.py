@@ -119,8 +119,10 @@ def _task_row(v: dict, b: dict) -> dict:
 
 def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], accuracy: dict, base_accuracy: dict,
                   fidelity: Optional[dict], speed: Optional[dict], variant_bytes: int,
-                  chat: Optional[dict] = None, heal: str = "none", base_bytes: Optional[int] = None) -> dict:
-    """Every figure of one evaluation (details.json's `metrics`), every key present, null when not measured."""
+                  chat: Optional[dict] = None, heal: str = "none", base_bytes: Optional[int] = None,
+                  device: Optional[dict] = None) -> dict:
+    """Every figure of one evaluation (details.json's `metrics`), every key present, null when not measured.
+    `device`: where llama.cpp ran (`dropquant.evaluation.device.describe`: device, backend, layers offloaded)."""
     per_task = {name: _task_row(accuracy["tasks"].get(name, {}), base_accuracy["tasks"].get(name, {}))
                 for name in tasks if name in accuracy["tasks"] or name in base_accuracy["tasks"]}
     # Averages over the tasks both models were evaluated on, so a skipped task cannot tilt the comparison.
@@ -149,6 +151,7 @@ def build_metrics(*, method: str, n: int, quant_type: str, tasks: list[str], acc
         **speed_metrics(speed),
         "skipped_tasks": sorted(set(tasks) - set(common)),
         "chat": chat_metrics(chat),
+        "device": device,
     }
 
 
@@ -166,6 +169,8 @@ HEADLINE = {
 }
 # Present only when measured (eval.source_kld; a healed variant), so that no sweep carries an empty column.
 OPTIONAL = {"kld_source": ("kld_source",), "kld_recovered": ("heal_kl", "recovered"), "bpw": ("mix", "bpw")}
+# Present only when llama.cpp offloaded layers to a GPU: a CPU run's metrics.json is what it was before GPUs.
+ON_GPU = {"gpu_layers": ("device", "gpu_layers")}
 # Rounded for reading: more digits than the figures' standard errors support only widen the columns.
 DIGITS = {"avg": 3, "avg_delta": 3, "avg_delta_se": 3, "base_avg": 3, "ppl": 1, "base_ppl": 2,
           "top1": 3, "size_mb": 1, "base_size_mb": 1, "pp_x": 2, "tg_x": 2, "kv_mib": 1, "base_kv_mib": 1,
@@ -194,6 +199,9 @@ def headline(full: dict) -> dict:
         out[key] = _path(full, path)
     for key, path in OPTIONAL.items():
         if _path(full, path) is not None:
+            out[key] = _path(full, path)
+    for key, path in ON_GPU.items():
+        if _path(full, path):
             out[key] = _path(full, path)
     for k, v in out.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -36,6 +36,12 @@ How, and why each piece is there:
   meet at a barrier after every operation, so when another process preempts one of them all of them wait:
   with n_threads = cores one busy core slowed runs 2-50x at random (tg2048 of one file: 0.5 to 30 tok/s). A
   free core absorbs the other process instead.
+- On a GPU (`gpu_layers` != 0, llama.cpp's n_gpu_layers): the same workers, rounds and ratios, but the clock is
+  the wall clock, each step ending with llama_synchronize: the work is the GPU's, which a process's CPU time does
+  not see (the CPU mostly waits), and the threads matter only for layers left on the CPU. The KV cache then lives
+  in GPU memory (`kv_cache_device`: llama.cpp's buffer names, e.g. CUDA0), and peak RSS is host memory only; the
+  model, KV and compute buffers per device are kept from llama.cpp's log (`buffers`). The four workers each hold
+  their model on the GPU at once.
 - Both flash-attention settings, because on a CPU the faster one differs by test (on the development machine,
   one thread, flash attention on was faster for prompts and for generation from an empty cache, and 5-25%
   slower for generation after 2048 tokens). The headline
@@ -48,6 +54,7 @@ What a worker measures (random tokens, no sampling, one warm-up, n_ctx 4096):
   tg0, tg2048    generation tok/s, one token per decode, `tg_tokens` tokens after 0 and after 2048 tokens
   kv_cache_bytes the KV cache llama.cpp allocates at 4096 tokens of context (from its own log line)
   peak_rss_bytes the worker's peak resident memory (model mapped in, cache and compute buffers)
+  buffers        MiB of llama.cpp's model, KV and compute buffers per device (CPU, CUDA0, ...), from its log
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import resource
 import select
 import statistics
@@ -161,11 +169,13 @@ def adaptive_rounds(measure_round: Callable[[int], Round], rounds: int, max_roun
 class Worker:
     """One model in one flash-attention setting, in its own process, measuring one test per request."""
 
-    def __init__(self, model_path: str | Path, flash_attn: bool, threads: int, tg_tokens: int, stack: ExitStack):
+    def __init__(self, model_path: str | Path, flash_attn: bool, threads: int, tg_tokens: int, stack: ExitStack,
+                 gpu_layers: int = 0):
         self.name = f"{model_path} (flash attention {'on' if flash_attn else 'off'})"
         self.stderr = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
         cmd = [sys.executable, "-m", "dropquant.evaluation.speed", "--worker", str(model_path),
-               "--flash-attn", "on" if flash_attn else "off", "--threads", str(threads), "--tg-tokens", str(tg_tokens)]
+               "--flash-attn", "on" if flash_attn else "off", "--threads", str(threads), "--tg-tokens", str(tg_tokens),
+               "--gpu-layers", str(gpu_layers)]
         root = str(Path(__file__).resolve().parents[2])  # so the child imports this same dropquant
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
@@ -219,9 +229,10 @@ def _cpu_share(steps: dict, threads: int) -> float:
     return sum(s["cpu_seconds"] for s in flat) / (threads * sum(s["seconds"] for s in flat))
 
 
-def measure_round_with(workers: dict, tg_tokens: int, threads: int) -> Callable[[int], Round]:
+def measure_round_with(workers: dict, tg_tokens: int, threads: int, clock: str = "cpu_seconds") -> Callable[[int], Round]:
     """A round over the workers {(model, setting): Worker}, alternating them at every step: the 2048-token prompt
-    chunk by chunk, then generation after it (tg2048) and from an empty cache (tg0), TG_REPS times each."""
+    chunk by chunk, then generation after it (tg2048) and from an empty cache (tg0), TG_REPS times each. `clock`:
+    the figures' clock, CPU time (`cpu_seconds`) or, for a model on a GPU, the wall clock (`seconds`)."""
     def measure_round(index: int) -> Round:
         step = index  # so the first worker of a round changes from round to round too
         steps = {key: {"pp": [], "tg2048": [], "tg0": []} for key in workers}
@@ -234,7 +245,7 @@ def measure_round_with(workers: dict, tg_tokens: int, threads: int) -> Callable[
             step += 1
         out: Round = {who: {} for who in MODELS}
         for (who, fa), st in steps.items():
-            out[who][fa] = {**_tok_s(st, tg_tokens, "cpu_seconds", threads),
+            out[who][fa] = {**_tok_s(st, tg_tokens, clock, threads),
                             "wall_tok_s": _tok_s(st, tg_tokens, "seconds", threads),
                             "cpu_share": _cpu_share(st, threads)}
         log.info("speed round %d: tg2048 %s", index + 1, ", ".join(
@@ -245,21 +256,31 @@ def measure_round_with(workers: dict, tg_tokens: int, threads: int) -> Callable[
 
 
 def ab_compare(variant: str | Path, base: str | Path, rounds: int = 3, max_rounds: int = 6,
-               tolerance: float = 0.1, threads: Optional[int] = None, tg_tokens: int = TG_TOKENS) -> dict:
-    """Variant against base in both flash-attention settings: fastest tok/s, speed-ups with spreads, memory."""
+               tolerance: float = 0.1, threads: Optional[int] = None, tg_tokens: int = TG_TOKENS,
+               gpu_layers: int = 0) -> dict:
+    """Variant against base in both flash-attention settings: fastest tok/s, speed-ups with spreads, memory.
+    `gpu_layers`: llama.cpp's n_gpu_layers for both (-1: every layer); on a GPU the figures are wall-clock."""
+    from .device import gpu_offload_supported
+
     threads = threads or default_threads()
+    on_gpu = gpu_layers != 0 and gpu_offload_supported()  # a CPU build ignores n_gpu_layers: still a CPU measurement
+    clock = "seconds" if on_gpu else "cpu_seconds"
     paths = {"variant": variant, "base": base}
     with ExitStack() as stack:
-        workers = {(who, fa): Worker(paths[who], fa == "fa_on", threads, tg_tokens, stack)
+        workers = {(who, fa): Worker(paths[who], fa == "fa_on", threads, tg_tokens, stack, gpu_layers)
                    for who in MODELS for fa in SETTINGS}
         ready = {key: w.reply() for key, w in workers.items()}  # all four load side by side
-        runs, summary = adaptive_rounds(measure_round_with(workers, tg_tokens, threads), rounds, max_rounds, tolerance)
+        runs, summary = adaptive_rounds(measure_round_with(workers, tg_tokens, threads, clock), rounds, max_rounds,
+                                        tolerance)
         stats = {key: w.request("stats") for key, w in workers.items()}
     memory = {who: {fa: {"kv_cache_bytes": ready[who, fa]["kv_cache_bytes"],
+                         "kv_cache_device": ready[who, fa].get("kv_cache_device"),
+                         "buffers": ready[who, fa].get("buffers"),
                          "peak_rss_bytes": stats[who, fa]["peak_rss_bytes"]} for fa in SETTINGS} for who in MODELS}
     files = {who: os.path.getsize(paths[who]) for who in MODELS}
     return speed_result(runs, summary, memory, files, threads=threads, tg_tokens=tg_tokens,
-                        min_rounds=rounds, max_rounds=max_rounds, tolerance=tolerance)
+                        min_rounds=rounds, max_rounds=max_rounds, tolerance=tolerance, gpu_layers=gpu_layers,
+                        clock="wall" if on_gpu else "cpu")
 
 
 def speed_result(runs: list[Round], summary: dict, memory: dict, file_bytes: dict, **settings) -> dict:
@@ -282,29 +303,57 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _timed(fn, *args) -> dict:
-    """Wall-clock and CPU seconds (all of this process's threads) of one call."""
+def _timed(fn, *args, sync=None) -> dict:
+    """Wall-clock and CPU seconds (all of this process's threads) of one call; `sync` waits for work the call
+    left running on a device (a GPU's queue), so that it is counted."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
+    if sync is not None:
+        sync()
     return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+
+
+BUFFER_LINE = re.compile(r"(model|KV|compute) buffer size = +([0-9.]+) MiB")
+
+
+def buffers_from_log(text: str) -> dict:
+    """MiB of llama.cpp's model, KV and compute buffers per device from its log of loading a model and creating a
+    context, e.g. {"model": {"CUDA0": 8145.3, "CPU_Mapped": 532.0}, "KV": {"CUDA0": 512.0}, "compute": {...}}."""
+    out: dict = {}
+    for line in text.splitlines():
+        m = BUFFER_LINE.search(line)
+        if m:
+            device = line[:m.start()].split(":")[-1].strip() or "?"
+            kind = out.setdefault(m.group(1), {})
+            kind[device] = round(kind.get(device, 0.0) + float(m.group(2)), 2)
+    return out
 
 
 class Bench:
     """One llama.cpp context and the tests run in it; `valid` = how many prompt tokens the KV cache holds."""
 
-    def __init__(self, model_path: str, flash_attn: bool, threads: int, tg_tokens: int):
+    def __init__(self, model_path: str, flash_attn: bool, threads: int, tg_tokens: int, gpu_layers: int = 0):
         import random
 
+        import llama_cpp
         from llama_cpp import Llama
 
         from dropquant.gguf.quantize import kv_cache_mib_from_log, llama_log_capture
 
+        from .device import gpu_offload_supported
+
         with llama_log_capture() as lines:
             self.llama = Llama(model_path=model_path, n_ctx=SPEED_CTX, n_batch=CHUNK, n_ubatch=CHUNK,
                                logits_all=False, flash_attn=flash_attn, n_threads=threads, n_threads_batch=threads,
-                               verbose=False, seed=0)
-        kv = kv_cache_mib_from_log("".join(lines))
+                               verbose=False, seed=0, n_gpu_layers=gpu_layers)
+        log_text = "".join(lines)
+        kv = kv_cache_mib_from_log(log_text)
         self.kv_cache_bytes = int(round(kv * 2**20)) if kv is not None else None
+        self.buffers = buffers_from_log(log_text)
+        self.kv_cache_device = sorted(self.buffers.get("KV", {})) or None
+        # llama_decode may return while a GPU still computes: the times wait for it. (On the CPU it has finished.)
+        ctx = self.llama._ctx.ctx
+        self.sync = (lambda: llama_cpp.llama_synchronize(ctx)) if gpu_layers and gpu_offload_supported() else None
         rng = random.Random(0)
         vocab = self.llama.n_vocab()
         self.prompt = [rng.randrange(vocab) for _ in range(PROMPT)]
@@ -319,7 +368,7 @@ class Bench:
         if self.valid < start:
             self.pp(chunk - 1)
         self.llama.n_tokens = start  # eval drops the cache beyond this position
-        times = _timed(self.llama.eval, self.prompt[start:start + CHUNK])
+        times = _timed(self.llama.eval, self.prompt[start:start + CHUNK], sync=self.sync)
         self.valid = start + CHUNK
         return times
 
@@ -328,14 +377,15 @@ class Bench:
         while self.valid < depth:  # untimed: fill the cache up to the depth the generation starts from
             self.pp(self.valid // CHUNK)
         self.llama.n_tokens = depth  # eval drops the cache beyond this position: the last repetition's tokens
-        times = _timed(lambda: [self.llama.eval([tok]) for tok in self.gen])
+        times = _timed(lambda: [self.llama.eval([tok]) for tok in self.gen], sync=self.sync)
         self.valid = depth
         return times
 
 
 def serve(bench: Bench, requests, reply) -> None:
     """Answer `pp CHUNK`, `tg DEPTH` and `stats` lines, one JSON line each, until the requests end."""
-    reply({"kv_cache_bytes": bench.kv_cache_bytes})
+    reply({"kv_cache_bytes": bench.kv_cache_bytes, "kv_cache_device": bench.kv_cache_device, "buffers": bench.buffers,
+           "n_gpu_layers": int(bench.llama.model_params.n_gpu_layers)})
     for line in requests:
         kind, *arg = line.split()
         if kind == "stats":
@@ -348,7 +398,7 @@ def worker_main(args) -> int:
     # The replies get this process's stdout to themselves; anything llama.cpp prints goes to stderr.
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    bench = Bench(args.worker, args.flash_attn == "on", args.threads, args.tg_tokens)
+    bench = Bench(args.worker, args.flash_attn == "on", args.threads, args.tg_tokens, args.gpu_layers)
     serve(bench, sys.stdin, lambda obj: replies.write(json.dumps(obj) + "\n"))
     return 0
 
@@ -360,6 +410,7 @@ def main(argv=None) -> int:
     parser.add_argument("--flash-attn", choices=("on", "off"), default="on")
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--tg-tokens", type=int, default=TG_TOKENS)
+    parser.add_argument("--gpu-layers", type=int, default=0, help="llama.cpp's n_gpu_layers (-1: every layer)")
     return worker_main(parser.parse_args(argv))
 
 

@@ -113,12 +113,13 @@ def kv_cache_mib_from_log(text: str) -> Optional[float]:
     return float(found[-1]) if found else None
 
 
-def kv_cache_mib(model_path: str | Path, n_ctx: int = 4096, flash_attn: bool = True) -> float:
+def kv_cache_mib(model_path: str | Path, n_ctx: int = 4096, flash_attn: bool = True, gpu_layers: int = 0) -> float:
     """KV cache llama.cpp allocates for this GGUF at `n_ctx` (MiB), read from its own allocation log."""
     import llama_cpp
 
     with llama_log_capture() as lines:
-        llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, flash_attn=flash_attn, n_threads=1, verbose=False)
+        llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, flash_attn=flash_attn, n_threads=1, verbose=False,
+                              n_gpu_layers=gpu_layers)
         llm.close()
     mib = kv_cache_mib_from_log("".join(lines))
     if mib is None:

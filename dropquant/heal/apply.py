@@ -14,7 +14,7 @@ import torch
 
 from dropquant.artifacts import PLAN_ID, check_same, json_digest, read_json
 from dropquant.errors import DropquantError
-from dropquant.heal.distill import check_precision, distill, teacher_targets
+from dropquant.heal.distill import check_precision, deterministic_cublas, distill, teacher_targets
 from dropquant.heal.linear import HEAL_ID, fit_linear, standin_layers, standin_parameters, write_healed
 from dropquant.prune.pruned_checkpoint import load_pruned, save_pruned, side_files
 from dropquant.prune.selection import DropPlan
@@ -110,6 +110,7 @@ def heal(*, method: str, heal_params, plan: dict, pruned_dir: Path, out_dir: Pat
         return record
     if "distill" in method:
         check_precision(hp.precision, device)  # before the fit and the teacher pass, not after them
+        deterministic_cublas(device)
     if tokens.shape[0] <= hp.holdout:
         raise DropquantError(f"heal.holdout={hp.holdout} leaves no calibration sample to fit on: the calibration "
                              f"tokens have {tokens.shape[0]} samples")

@@ -10,13 +10,14 @@ or `all` kept weights. Held-out calibration samples, never trained on, give the 
 logged and stops the training early; the best held-out state is the one kept.
 
 Deterministic for a seed on the CPU (same thread count): seeded adapter initialization and batch order,
-deterministic algorithms.
+deterministic algorithms. On a GPU the same, with cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -48,6 +49,14 @@ def check_precision(precision: str, device: str) -> None:
     if precision == "bfloat16" and not bf16_supported(device):
         raise DropquantError(f"heal.precision=bfloat16: {device} has no bfloat16 arithmetic that torch can use "
                              "(on a CPU it needs AVX512-BF16 or AMX); use heal.precision=float32")
+
+
+def deterministic_cublas(device: str) -> None:
+    """cuBLAS gives the same sums run to run only with a fixed workspace, which torch's deterministic mode asks for
+    (warning at every product without it). torch reads it when it first makes a cuBLAS handle: call this before the
+    first product on the GPU (the heal does, before fitting)."""
+    if torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def training_precision(precision: str, device: str):
@@ -211,6 +220,7 @@ def distill(model, train: TeacherTargets, holdout: TeacherTargets, *, what: str,
     if hidden_weight > 0 and train.hidden is None:
         raise DropquantError("hidden-state matching needs the teacher's hidden states (teacher_targets(hidden=True))")
     forward_precision = training_precision(precision, device)
+    deterministic_cublas(device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     start_time = time.perf_counter()

@@ -33,6 +33,8 @@ def heldout_recovery(open_base: Callable, pruned_dir: Path, healed_dir: Path, ho
         model = load_pruned(directory, torch.float32, device)
         kl[name] = heldout_kl(model, targets, device)
         del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the next checkpoint gets the memory this one held
     return {"tokens": int(holdout.numel()), "samples": int(holdout.shape[0]), "measure": f"top-{topk} bucketed KL",
             "unhealed": round(kl["unhealed"], 6), "healed": round(kl["healed"], 6),
             "recovered": recovered_share(kl["unhealed"], kl["healed"])}

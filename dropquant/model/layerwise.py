@@ -146,16 +146,19 @@ class StreamedStack:
             yield layer, self.device
         finally:
             layer.to("meta")  # releases this layer's weights before the next one is read
-            _return_freed_memory()
+            _return_freed_memory(self.device)
 
 
-def _return_freed_memory() -> None:
+def _return_freed_memory(device: torch.device) -> None:
     """Hand freed heap back to the OS (glibc): without it, each layer's freed tensors leave fragments behind
-    and the peak creeps up with depth."""
+    and the peak creeps up with depth. On a GPU, torch's caching allocator keeps a freed layer's blocks for
+    itself: they go back to the device, so the next layer (or another process) finds the memory free."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class HiddenStates:

@@ -41,6 +41,7 @@ class Workbench:
     def __init__(self, params, scores: Optional[dict], scores_sha256: str, cache_dir: Path, *,
                  calibration: Optional[tuple[torch.Tensor, str]] = None, estimate_tokens: int = 2048,
                  threads: int = 2, progress: bool = True):
+        from dropquant.evaluation.device import resolve_gpu_layers
         from dropquant.evaluation.tasks import resolve_data_dir
         from dropquant.model.loading import load_config, model_identity, resolve_dtype, resolve_source
 
@@ -62,6 +63,11 @@ class Workbench:
         self.key = {"model": self.identity["fingerprint"], "dtype": str(self.dtype), "scores": scores_sha256,
                     "drop": params.drop.model_dump(mode="json", exclude={"method", "n"}),
                     "fidelity_tokens": params.eval.fidelity_tokens, "data_dir": str(self.data_dir)}
+        # llama.cpp's layers on the GPU for the reference and every candidate; a GPU's KLs are cached apart from
+        # the CPU's (their kernels round differently), and a CPU run keeps the cache it had.
+        self.gpu_layers = resolve_gpu_layers(params.eval.gpu_layers, params.model.device)
+        if self.gpu_layers:
+            self.key["gpu_layers"] = self.gpu_layers
         self.dir = Path(cache_dir) / json_digest(self.key)[:16]
         (self.dir / "measured").mkdir(parents=True, exist_ok=True)
         self.scratch = self.dir / "scratch"
@@ -135,7 +141,7 @@ class Workbench:
             text, origin = heldout_text(self.data_dir)
             logits: list = []
             ref = build_reference(self.reference(), text, self.params.eval.fidelity_tokens, self.threads,
-                                  source=origin, keep_logits=logits)
+                                  source=origin, keep_logits=logits, gpu_layers=self.gpu_layers)
             self._fidelity = ref, logits
             self.seconds["reference"] += time.perf_counter() - start
         return self._fidelity
@@ -219,7 +225,7 @@ class Workbench:
                 shutil.copyfile(source, out)
             else:
                 quantize_gguf(source, out, c.quant_type)
-            fid = compare(out, ref, self.threads, cached_base=logits)
+            fid = compare(out, ref, self.threads, cached_base=logits, gpu_layers=self.gpu_layers)
             sizes = tensor_bytes(out)
             record = {**c.to_json(), "size_bytes": out.stat().st_size, "kld": fid["kld"],
                       "kld_stderr": fid["kld_stats"]["stderr"], "ppl": fid["ppl"], "reference_ppl": fid["base_ppl"],
