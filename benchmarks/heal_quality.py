@@ -39,7 +39,7 @@ VARIANTS = {
 def _parse(spec: str) -> tuple[str, dict]:
     """`merged:form=projection,ridge=0.1`: a method and its fit keyword arguments."""
     method, _, rest = spec.partition(":")
-    kw = {}
+    kw = {"ridge": 1e-3}
     for item in filter(None, rest.split(",")):
         k, v = item.split("=")
         try:

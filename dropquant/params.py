@@ -141,9 +141,11 @@ class HealParams(_Section):
     # linear: each dropped attention (and dropped block) replaced by X + W·LN(X), W by ridge least squares
     ridge: float = Field(1e-3, ge=0)  # ridge strength, relative to the mean eigenvalue of LN(X)ᵀLN(X)
     fit_on: Literal["base", "healed"] = "base"  # inputs of the fit: the unpruned model's, or the partially healed model's
-    # merged: a map T per cut folded into the kept projection before it (no parameter added)
-    form: Literal["map", "projection"] = "map"  # T on the host's output (hidden²), or its whole last projection refitted
-    objective: Literal["ls", "cosine"] = "ls"  # ridge least squares (closed form), or ReplaceMe's cosine distance
+    # merged: the kept projection before each cut refitted to stand in for it (no parameter added)
+    form: Literal["projection", "map"] = "projection"  # the host's last projection refitted, or T (hidden²) on its output
+    merged_ridge: float = Field(0.3, ge=0)  # ridge towards the plain drop's weights, relative to the mean eigenvalue
+    weigh: Literal["relative", "none"] = "relative"  # each token's error relative to its residual stream's norm, or not
+    objective: Literal["ls", "cosine"] = "ls"  # ridge least squares (closed form), or then ReplaceMe's cosine distance
     cosine_steps: int = Field(200, ge=1)  # Adam steps of the cosine objective, from the least-squares map
     cosine_lr: float = Field(1e-4, gt=0)
     fallback: Literal["linear", "none"] = "linear"  # a cut with no kept sublayer before it (layer 0's attention)

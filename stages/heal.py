@@ -1,4 +1,5 @@
-"""Heal: win back what the drop cost (linear stand-ins fitted in closed form, a short distillation, or both)."""
+"""Heal: win back what the drop cost (linear stand-ins or merged maps fitted in closed form, a short distillation, or
+both)."""
 from __future__ import annotations
 
 import logging

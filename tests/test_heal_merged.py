@@ -171,8 +171,17 @@ def test_heal_writes_the_merged_record(method, tmp_path):
                   dtype=torch.float32, device="cpu", progress=False)
     m = record["merged"]
     assert [c["cut"] for c in m["cuts"]] == ["attn 0", "attn 2 into mlp 1"]
-    assert m["fallback_layers"] == [0] and m["params_added"] == 64 * 64 + 64 and m["params_changed"] == 64 * 64
+    assert m["fallback_layers"] == [0] and m["params_added"] == 64 * 64 + 64 and m["params_changed"] == 128 * 64  # MLP 1's down_proj
     assert record["checkpoint"] == "model" and ("distill" in record) == (method == "merged+distill")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]  # the merged student removed
     assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["dropquant"]["heal_id"] == \
         record["heal_id"]
+
+
+def test_the_cosine_objective_refines_the_least_squares_fit_deterministically(tmp_path):
+    base = make_tiny_llama(layers=4)
+    p, ids = plan(attn=[2], layers=4), _ids()
+    fits = [fit_merged(InMemoryStack(base), p, ids, ridge=0.3, objective=o, cosine_steps=20, cosine_lr=1e-3,
+                       progress=False) for o in ("ls", "cosine", "cosine")]
+    assert torch.equal(fits[1].maps[3], fits[2].maps[3])
+    assert not torch.allclose(fits[0].maps[3], fits[1].maps[3])

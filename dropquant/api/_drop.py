@@ -31,8 +31,9 @@ def drop(model: ModelLike, plan: Plan, *, heal: str = "none", out: Union[str, "o
             ``.gguf`` file, or a loaded transformers model. A loaded model is pruned in place (as transformers'
             ``prune_heads``); with ``heal``, a copy is, since healing reads the unpruned model.
         plan: from :func:`dropquant.plan`.
-        heal: ``none``, ``linear`` (closed-form stand-ins for dropped attention), ``distill`` or
-            ``linear+distill``.
+        heal: ``none``, ``linear`` (closed-form stand-ins for dropped attention), ``merged`` (maps folded
+            into the weights before each cut: no parameter added), ``distill``, ``linear+distill`` or
+            ``merged+distill``.
         out: directory for the checkpoint (needed for a model too large to load whole).
         calibration: tokens to heal on: as :func:`dropquant.score` takes them; default: the plan's scores' tokens
             (else ``"generated"``).

@@ -76,11 +76,12 @@ def _merge(dplan, hp, open_base, train, pruned_dir: Path, out: Path, hid: str, b
     """The merged maps (and any fallback stand-ins) fitted and written to `out`; their heal.json record."""
     from dropquant.heal.merged import fit_merged, merged_parameters_changed, plan_cuts, sublayer_name
 
-    log.info("fitting merged maps for %d cut(s) on %d tokens (%s inputs, %s objective, ridge %g)",
-             len(plan_cuts(dplan)), train.numel(), hp.fit_on, hp.objective, hp.ridge)
-    fit = fit_merged(open_base(), dplan, train, ridge=hp.ridge, fit_on=hp.fit_on, objective=hp.objective, form=hp.form,
-                     fallback=hp.fallback, cosine_steps=hp.cosine_steps, cosine_lr=hp.cosine_lr, seed=hp.seed,
-                     batch_size=batch_size, progress=progress)
+    log.info("fitting the merged heal of %d cut(s) on %d tokens (%s form, %s inputs, %s objective, ridge %g)",
+             len(plan_cuts(dplan)), train.numel(), hp.form, hp.fit_on, hp.objective, hp.merged_ridge)
+    fit = fit_merged(open_base(), dplan, train, ridge=hp.merged_ridge, fit_on=hp.fit_on, form=hp.form,
+                     weigh=hp.weigh, objective=hp.objective, fallback=hp.fallback, standin_ridge=hp.ridge,
+                     cosine_steps=hp.cosine_steps, cosine_lr=hp.cosine_lr, seed=hp.seed, batch_size=batch_size,
+                     progress=progress)
     write_healed(pruned_dir, out, dplan, hid, fit.standins, fit.folded())
     return {"cuts": [{"cut": c.describe(), "host": None if c.host is None else sublayer_name(c.host),
                       "explained": fit.explained.get(c.host), "explained_plain": fit.plain.get(c.host)}

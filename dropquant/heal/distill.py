@@ -175,6 +175,7 @@ class DistillResult:
     heldout_kl_start: float = math.nan
     heldout_kl_best: float = math.nan
     heldout: list = field(default_factory=list)  # [step, held-out KL]
+    heldout_seconds: list = field(default_factory=list)  # seconds since the start at each held-out evaluation
     train_loss: list = field(default_factory=list)  # [step, mean loss since the last evaluation]
     stopped_early: bool = False
     seconds: float = 0.0
@@ -237,6 +238,7 @@ def distill(model, train: TeacherTargets, holdout: TeacherTargets, *, what: str,
         best = heldout_kl(model, holdout, device)
         result.heldout_kl_start = result.heldout_kl_best = best
         result.heldout.append([0, best])
+        result.heldout_seconds.append(round(time.perf_counter() - start_time, 2))
         best_state = {id(p): p.detach().clone() for p in params}
         log.info("distillation: %d trainable parameters (%s), held-out KL %.4f before", result.trainable_params,
                  what, best)
@@ -260,6 +262,7 @@ def distill(model, train: TeacherTargets, holdout: TeacherTargets, *, what: str,
             if step % eval_every == 0 or step == steps:
                 kl = heldout_kl(model, holdout, device)
                 result.heldout.append([step, kl])
+                result.heldout_seconds.append(round(time.perf_counter() - start_time, 2))
                 result.train_loss.append([step, sum(running) / len(running)])
                 running = []
                 if kl < best:

@@ -1,20 +1,25 @@
-"""Heal a pruned model with no parameter added: a linear map folded into the weights just before each cut.
+"""Heal a pruned model with no parameter added: the kept projection before each cut refitted to stand in for it.
 
 The decoder is a chain of sublayers (attention 0, MLP 0, attention 1, ...), each adding its output to the
-residual stream. A *cut* is a maximal run of dropped sublayers; the *host* is the kept sublayer just before
-it. With H the host's output and P the residual stream before the host, the unpruned model's stream after the
-cut is Y; the healed model computes P + H·T instead of P + H, with T (hidden x hidden) fitted so that
-P + H·T ≈ Y (ReplaceMe, arXiv 2505.02819, generalized from whole blocks to any run of sublayers). H is
-linear in the host's last projection, so T folds into it: `down_proj.weight ← Tᵀ·down_proj.weight` for an MLP
-host, the same for `o_proj` (and its bias) for an attention host. The healed checkpoint has the pruned
-checkpoint's layout and parameter count: a healed block drop is still a plain `llama`/`qwen2`/`qwen3` model,
-a healed attention drop the same `deci` file as the plain drop.
+residual stream. A *cut* is a maximal run of dropped sublayers; its *host* is the kept sublayer just before it.
+With P the residual stream before the host and Y the unpruned model's stream after the cut, the host's last
+projection (`down_proj` of an MLP, `o_proj` of an attention) is refitted so that P + host(P) ≈ Y: the host
+now also does the cut's work. Two forms (`heal.form`):
 
-Objectives (`heal.objective`): `ls`, ridge least squares towards T = I (the plain drop) in closed form;
-`cosine`, ReplaceMe's cosine distance between P + H·T and Y per token, from the least-squares T by Adam on the
-cut's cached activations (no backpropagation through the model). Fits run in model order through the one
-layer-wise runner; with `fit_on: healed` P and H come from the healed model (each map also absorbs the drift of
-the cuts before it), with `fit_on: base` from the unpruned model's own activations.
+- `map` (ReplaceMe, arXiv 2505.02819, generalized from whole blocks to any run of sublayers): the host's
+  output H times T (hidden x hidden), folded into the projection as `weight ← Tᵀ·weight` (and its bias);
+- `projection` (default): the whole projection refitted from its own input (the MLP's intermediate
+  activations, the attention's heads), which carry more of what the cut computed than H does; the map's
+  solutions are among its solutions.
+
+Either way the healed checkpoint has the pruned checkpoint's layout and parameter count: a healed block drop is
+still a plain `llama`/`qwen2`/`qwen3` model, a healed attention drop the same `deci` file as the plain drop.
+The fit is ridge least squares pulled towards the plain drop's weights (`heal.merged_ridge`), each token's error
+relative to the norm of its residual stream (`heal.weigh: relative`) so that an attention sink's massive
+activations do not make the whole fit; `heal.objective: cosine` then refines it by Adam on ReplaceMe's per-token
+cosine distance over the cut's cached activations (no backpropagation through the model). Fits run in model
+order through the one layer-wise runner; with `fit_on: healed` P and the host's input come from the healed
+model (each fit also absorbs the drift of the cuts before it), with `fit_on: base` from the unpruned model.
 
 A cut that starts at the first attention has no host: `heal.fallback: linear` gives its dropped attentions
 (and blocks) `linear`'s stand-ins (a `deci` linear-attention layer), `none` leaves it as the plain drop.
@@ -164,14 +169,15 @@ def _cosine_refine(x: torch.Tensor, pre, z, target, bias, steps: int, lr: float,
     """Adam on mean(1 - cos(P + Z·X + b, Y)) over the cut's tokens, from `x`; float32, minibatches of 2048
     tokens."""
     pre, z, target = (a.reshape(-1, a.shape[-1]) for a in (pre, z, target))
-    x = x.float().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = pre.shape[0]
-    with torch.enable_grad():
+    # The fit runs under inference mode; the map's own small optimisation needs autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.float().clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr)
         for _ in range(steps):
             idx = torch.randint(0, n, (min(2048, n),), generator=gen)
-            p, h, y = (a[idx].to(x.device, torch.float32) for a in (pre, z, target))
+            p, h, y = (a[idx].to(x.device, torch.float32).clone() for a in (pre, z, target))
             loss = (1 - torch.nn.functional.cosine_similarity(p + h @ x + bias, y, dim=-1)).mean()
             opt.zero_grad()
             loss.backward()
@@ -180,9 +186,10 @@ def _cosine_refine(x: torch.Tensor, pre, z, target, bias, steps: int, lr: float,
 
 
 @torch.inference_mode()
-def fit_merged(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: str = "base", objective: str = "ls",
-               form: str = "map", fallback: str = "linear", cosine_steps: int = 200, cosine_lr: float = 1e-4,
-               seed: int = 0, batch_size: int = 2, progress: bool = True, scratch=None) -> MergedFit:
+def fit_merged(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: str = "base", form: str = "projection",
+               weigh: str = "relative", objective: str = "ls", fallback: str = "linear", standin_ridge: float = 1e-3,
+               cosine_steps: int = 200, cosine_lr: float = 1e-4, seed: int = 0, batch_size: int = 2,
+               progress: bool = True, scratch=None) -> MergedFit:
     """Fit a map for every cut of `plan` with a host (and stand-ins for a hostless one, per `fallback`) on
     `input_ids`, `stack` being the unpruned model. `form`: `map`, T (hidden x hidden) applied to the host's
     output; `projection`, the host's whole last projection refitted (its input width x hidden, ridge towards
@@ -238,9 +245,10 @@ def fit_merged(stack, plan, input_ids: torch.Tensor, *, ridge: float, fit_on: st
             if s in hosts:
                 hook.remove()
             if standin is not None:
-                _close_standin(i, layer, lp, standin, fit, ridge, healed)
+                _close_standin(i, layer, lp, standin, fit, standin_ridge, healed)
             if cut is not None:
-                _close_cut(cut, lp, open_cut, fit, fit_stream, ridge, objective, cosine_steps, cosine_lr, seed)
+                _close_cut(cut, lp, open_cut, fit, fit_stream, ridge, objective, weigh == "relative", cosine_steps,
+                           cosine_lr, seed)
 
     streams = ("base", "healed" if healed else "pre")
     try:
@@ -270,7 +278,7 @@ def _close_standin(i: int, layer, lp, normal: _Normal, fit: MergedFit, ridge: fl
 
 
 def _close_cut(cut: Cut, lp, open_cut: dict, fit: MergedFit, fit_stream: str, ridge: float, objective: str,
-               steps: int, lr: float, seed: int) -> None:
+               relative: bool, steps: int, lr: float, seed: int) -> None:
     """Solve the map of `cut` at its last dropped sublayer, when the base stream holds its target; then move the
     healed stream past the cut."""
     weight, bias, zs = open_cut.pop("weight"), open_cut.pop("bias"), open_cut.pop("z")
@@ -282,8 +290,17 @@ def _close_cut(cut: Cut, lp, open_cut: dict, fit: MergedFit, fit_stream: str, ri
             prior, b = torch.eye(weight.shape[0], dtype=torch.float64), None
         normal = _Ridge(prior.to(device))
         for sl, _ in lp.batches():
-            r = lp.read("base", sl).float() - lp.read(fit_stream, sl).float()
-            normal.add(zs.data[sl].to(device), r if b is None else r - b.to(device).float())
+            y = lp.read("base", sl).float()
+            r = y - lp.read(fit_stream, sl).float()
+            if b is not None:
+                r = r - b.to(device).float()
+            z = zs.data[sl].to(device).float()
+            if relative:
+                # Each token's error relative to its residual stream's norm, as the next norm layer sees it: the
+                # attention sink's massive activations (norms 100x the others) would otherwise be the whole fit.
+                w = 1.0 / y.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+                z, r = z * w, r * w
+            normal.add(z, r)
         x = normal.solve(ridge, cut.describe())
         explained, plain = normal.explained(x), normal.explained(normal.prior)
         if objective == "cosine":
