@@ -99,11 +99,12 @@ def fallback_layers(plan) -> list[int]:
 
 @dataclass
 class MergedFit:
-    """Fitted maps by host sublayer (T [hidden, hidden], applied as H·T), and any fallback stand-ins."""
+    """The fitted X by host sublayer (`map`: T [hidden, hidden], applied as H·T; `projection`: the host
+    projection's new weightᵀ [its input width, hidden]), and any fallback stand-ins."""
 
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
-    explained: dict[int, float] = field(default_factory=dict)  # share of the cut's target energy H·T reproduces
-    plain: dict[int, float] = field(default_factory=dict)  # the same share for T = I (the plain drop)
+    explained: dict[int, float] = field(default_factory=dict)  # share of the cut's target energy the fit reproduces
+    plain: dict[int, float] = field(default_factory=dict)  # the same share for the plain drop's weights
     cuts: list[Cut] = field(default_factory=list)
     form: str = "map"  # map: T applied to the host's output; projection: the host's last projection refitted
     standins: LinearFit = field(default_factory=LinearFit)
