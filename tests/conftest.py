@@ -18,12 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
-# The slowest files, longest first (a full `make test`, 2 workers): pytest-xdist (whole files per worker) hands them
-# out in this order, so the two longest (whole pipelines in subprocesses, minutes each) run beside each other from
-# the start and the short files fill in after them, instead of one long file running alone at the end. Test order
-# inside a file never changes (the flow tests build on each other).
-SLOWEST_FIRST = ("test_flows.py", "test_distributed.py", "test_gguf_export.py", "test_search.py", "test_api.py",
-                 "test_gguf_families.py", "test_quantize.py", "test_tokenizers.py")
+# The slowest files, longest first (by their time in a full `make test` on 2 workers): pytest-xdist (whole files
+# per worker) hands them out in this order, so the two longest (whole pipelines in subprocesses, minutes each) run
+# beside each other from the start and the short files fill in after them, instead of one long file running alone
+# at the end. Test order inside a file never changes (the flow tests build on each other).
+SLOWEST_FIRST = ("test_flows.py", "test_distributed.py", "test_gguf_export.py", "test_pruning.py",
+                 "test_gguf_families.py", "test_search.py", "test_embedded_scores.py", "test_api.py",
+                 "test_quantize.py", "test_mix.py", "test_evaluation.py", "test_reproducibility.py", "test_heal.py",
+                 "test_tokenizers.py")
 
 
 def pytest_configure(config):
