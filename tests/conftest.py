@@ -18,10 +18,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
-# The files that run whole pipelines in subprocesses (minutes each), started first: with `-n 2` (pytest-xdist,
-# whole files per worker) they overlap each other and the short files fill in after them instead of one long
-# file running alone at the end. Test order inside a file never changes (the flow tests build on each other).
-SLOWEST_FIRST = ("test_queue.py", "test_distributed.py", "test_flows.py", "test_search.py")
+# The slowest files, longest first (by their time in a full `make test` on 2 workers): pytest-xdist (whole files
+# per worker) hands them out in this order, so the two longest (whole pipelines in subprocesses, minutes each) run
+# beside each other from the start and the short files fill in after them, instead of one long file running alone
+# at the end. Test order inside a file never changes (the flow tests build on each other).
+SLOWEST_FIRST = ("test_flows.py", "test_distributed.py", "test_gguf_export.py", "test_pruning.py",
+                 "test_gguf_families.py", "test_search.py", "test_embedded_scores.py", "test_api.py",
+                 "test_quantize.py", "test_mix.py", "test_evaluation.py", "test_reproducibility.py", "test_heal.py",
+                 "test_tokenizers.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist (3.x) hands out --dist loadfile groups largest test count first unless told not to, which put
+    # the slow files (few tests each) last: keep the order of SLOWEST_FIRST instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

@@ -1,5 +1,5 @@
 """Building blocks of the flow tests: a git + DVC copy of this project on a tiny random Llama, and `dvc` with the
-venv on PATH (as the flows run it). Shared by tests/test_flows.py and tests/test_queue.py."""
+venv on PATH (as the flows run it). Shared by tests/test_flows.py, test_distributed.py and test_search.py."""
 from __future__ import annotations
 
 import shutil

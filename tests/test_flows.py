@@ -1,13 +1,15 @@
 """Prefect flows over real DVC, on a tiny random Llama in a temporary git + DVC copy of the project.
 
 Order matters (one repository per module, each test building on the last, as a user would): the variant flow
-runs the first stages, the sweep runs two variants (and two impossible ones) as experiments, a finished
-variant is reproduced bit for bit, and a real Prefect server fires the scheduled sweep.
+runs the first stages, the sweep runs two variants (and two impossible ones) as experiments, the same grid queued
+(`python -m flows sweep --jobs 2`) in a second copy of the project gives the same metrics, a finished variant is
+reproduced bit for bit, and a real Prefect server fires the scheduled sweep.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, SHARED_DATA
 from flow_helpers import build_tiny_repo, dvc, make_tiny_model
 
 # Before Prefect is imported anywhere in this process: its home (profiles, local storage) in a temporary folder.
@@ -41,10 +43,15 @@ _dvc = dvc
 
 
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> Path:
-    """A git + DVC repository with this project's dvc.yaml and code, on a 4-layer random Llama with a real tokenizer."""
-    base = tmp_path_factory.mktemp("flows")
-    return build_tiny_repo(base / "repo", make_tiny_model(base / "model"))
+def tiny_model(tmp_path_factory) -> Path:
+    """A 4-layer random Llama with a real tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("flows-model") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory, tiny_model) -> Path:
+    """A git + DVC repository with this project's dvc.yaml and code, on the tiny model."""
+    return build_tiny_repo(tmp_path_factory.mktemp("flows") / "repo", tiny_model)
 
 
 def _tmp_leftovers(repo: Path) -> list[Path]:
@@ -126,6 +133,99 @@ def test_sweep_makes_experiments_and_a_report(tiny_repo, prefect_harness, tmp_pa
         assert status["calibrate"] in ("unchanged", "run-cache") and status["score"] in ("unchanged", "run-cache")
     mlp = next(v for v in json.loads((out / "sweep.json").read_text())["variants"] if v["name"] == "mlp-1-Q8_0")
     assert {s["stage"]: s["status"] for s in mlp["stages"]}["drop"] == "ran"
+
+
+# --- the same grid queued (python -m flows sweep --jobs 2), against the sequential sweep above ----------------------
+
+QUEUED = ["-m", "attn", "mlp", "-n", "1", "9", "-q", "Q8_0"]
+GOOD = ["attn-1-Q8_0", "mlp-1-Q8_0"]
+BAD = ["attn-9-Q8_0", "mlp-9-Q8_0"]  # impossible on 4 layers
+COMPARED = ("avg", "ppl", "kld", "top1")
+
+
+@pytest.fixture(scope="module")
+def queued_repo(tmp_path_factory, tiny_model) -> Path:
+    """A second copy of the project on the same model, whose model, calibration text and task data are untracked,
+    named by paths relative to the project: a queued experiment's temporary copy finds them only through
+    DROPQUANT_WORKSPACE. Chat off (the metrics compared do not depend on it)."""
+    repo = tmp_path_factory.mktemp("queue") / "queued"
+    chat_off = {"tasks": [], "limit": 8, "max_tokens": 192, "parallel": 32, "n_ctx": 1536, "transcripts": 8}
+    build_tiny_repo(repo, tiny_model, params_update={"model": {"source": "model"},
+                                                     "calibration": {"source": "texts/calib.txt"},
+                                                     "eval": {"data_dir": "shared-data", "chat": chat_off}},
+                    gitignore="/model/\n/texts/\n/shared-data\n", calib_name="calib-tracked.txt")
+    shutil.copytree(tiny_model, repo / "model")
+    (repo / "texts").mkdir()
+    (repo / "texts" / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)  # as calib.txt
+    if SHARED_DATA.is_dir():
+        os.symlink(SHARED_DATA, repo / "shared-data")
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
+    return repo
+
+
+def _cli_sweep(repo: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m flows sweep` as a user runs it: its own temporary Prefect server and home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "DROPQUANT_WORKSPACE"}
+    env.update(PREFECT_HOME=str(out.parent / f"prefect-{out.name}"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", PYTHONPATH=str(ROOT),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")  # a first start migrates a fresh database
+    return subprocess.run([sys.executable, "-m", "flows", "sweep", "--repo", str(repo), "--out", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _metrics(repo: Path) -> dict[str, dict]:
+    shown = json.loads(_dvc(repo, "exp", "show", "--json").stdout)
+    names = [r["name"] for b in shown for g in (b.get("experiments") or []) for r in g["revs"]]
+    assert len(names) == len(set(names)), names  # every experiment once
+    # The drop is a parameter, not a metric (metrics.json holds the headline figures only).
+    return {r["name"]: {**r["data"]["metrics"]["data/eval/metrics.json"]["data"],
+                        **{k: r["data"]["params"]["params.yaml"]["data"]["drop"][k] for k in ("method", "n")}}
+            for b in shown for g in (b.get("experiments") or []) for r in g["revs"]}
+
+
+def test_queued_sweep_matches_the_sequential_one(tiny_repo, queued_repo, tmp_path):
+    """The sweep above (sequential, in tiny_repo) is the reference: the same grid as DVC queued experiments, 2 jobs,
+    in a second copy of the project gives the same metrics and leaves that copy's workspace alone."""
+    from flows.queue import threads_per_job
+
+    threads = threads_per_job(2)  # this machine's cores split between the 2 jobs
+    reference = _metrics(tiny_repo)
+    assert set(GOOD) <= set(reference), sorted(reference)
+    queued = queued_repo
+    before = {f: (queued / f).read_bytes() for f in ("params.yaml",)}
+    run = _cli_sweep(queued, tmp_path / "queue", *QUEUED, "--jobs", "2")
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log[-4000:]  # the impossible variants failed, the report was still written
+    got = _metrics(queued)
+    assert set(got) == set(GOOD), "only the finished variants, no priming experiment: " + ", ".join(got)
+    for name in GOOD:
+        for key in COMPARED:
+            assert got[name].get(key) == pytest.approx(reference[name].get(key), rel=1e-6, abs=1e-9), (name, key)
+        assert (got[name]["method"], got[name]["n"]) == (reference[name]["method"], 1)
+
+    # The workspace was left alone: params.yaml as committed, no dvc.lock, no data/.
+    assert {f: (queued / f).read_bytes() for f in before} == before
+    assert not (queued / "dvc.lock").exists() and not (queued / "data").exists()
+    assert "Queued" not in _dvc(queued, "queue", "status").stdout
+
+    report = json.loads((tmp_path / "queue" / "sweep.json").read_text())
+    assert [v["name"] for v in report["variants"]] == GOOD
+    assert sorted(f["name"] for f in report["failures"]) == sorted(BAD)
+    for f in report["failures"]:
+        assert f["stage"] == "drop" and "dropquant drop: error: drop.n=9 is larger than" in f["error"], f
+        assert f"failed: {f['name']}: dropquant drop: error:" in run.stderr
+    # calibrate and score ran once, in priming; every variant took them (and the baseline) from the run-cache.
+    for v in report["variants"]:
+        status = {s["stage"]: s["status"] for s in v["stages"]}
+        # "Stage 'calibrate' is cached - skipping run" in its queue log: the temporary copies share the run-cache.
+        assert all(status[s] == "run-cache" for s in ("calibrate", "score", "baseline", "baseline_eval")), v
+        assert status["drop"] == "ran" and status["evaluate"] == "ran", v
+        assert f"eval.threads={threads}" in v["params"]
+    md = (tmp_path / "queue" / "report.md").read_text()
+    reused = f"ran 1×, reused {len(GOOD)}×"
+    assert f"calibrate: {reused}" in md and f"score: {reused}" in md
+    assert f"Queued: 2 jobs, {threads} thread(s) each" in md
+    assert all(f"| {name} |" in md for name in GOOD) and "drop.n=9 is larger than" in md
 
 
 def test_search_runs_its_pick_as_an_experiment_and_reports_every_candidate(tiny_repo, prefect_harness, tmp_path):

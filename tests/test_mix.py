@@ -23,10 +23,15 @@ torch.set_num_threads(2)
 TYPES = ["Q2_K", "Q4_0", "Q4_1", "Q4_K", "Q8_0"]
 
 
+# Single-tensor streams measured beside the costs (they add streams and leave every cost as it is).
+SINGLE = {"a": ("blk.0.ffn_down.weight", "Q2_K"), "b": ("blk.3.attn_v.weight", "Q2_K"),
+          "c": ("blk.3.ffn_up.weight", "Q4_0")}
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, tokenizer_gguf):
     """A tiny pruned model with an untied output (attention of layer 1, MLP of layer 2 dropped): its F32 GGUF,
-    the candidates and the sensitivity costs."""
+    the candidates and the sensitivity costs (with the SINGLE streams in the record)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -39,7 +44,7 @@ def mixed(tmp_path_factory, tokenizer_gguf):
     cands = mix.quantize_candidates(d / "model.f32.gguf", TYPES, d / "cands")
     tokens = torch.randint(3, 49152, (2, 32), generator=torch.Generator().manual_seed(1))
     costs, record = sensitivity_costs(InMemoryStack(model), tokens, cands, info.tensor_names, info.permuted,
-                                      progress=False)
+                                      progress=False, single=SINGLE)
     return model, d, info, cands, costs, record
 
 
@@ -141,13 +146,9 @@ def test_sensitivity_costs_cover_every_tensor_and_grow_as_bits_shrink(mixed):
 
 def test_sensitivity_estimate_matches_single_tensor_streams(mixed):
     """The per-tensor estimate (block KL shared by local error) against that tensor alone, measured end to end."""
-    model, _, info, cands, costs, _ = mixed
-    picks = {"a": ("blk.0.ffn_down.weight", "Q2_K"), "b": ("blk.3.attn_v.weight", "Q2_K"),
-             "c": ("blk.3.ffn_up.weight", "Q4_0")}
-    tokens = torch.randint(3, 49152, (2, 32), generator=torch.Generator().manual_seed(1))
-    _, record = sensitivity_costs(InMemoryStack(model), tokens, cands, info.tensor_names, info.permuted,
-                                  progress=False, single=picks)
-    for name, (g, t) in picks.items():
+    _, _, _, _, costs, record = mixed
+    assert set(record["single"]) == set(SINGLE)
+    for name, (g, t) in SINGLE.items():
         measured, estimated = record["single"][name], costs[g][t]
         assert measured > 0 and 0.3 < estimated / measured < 3, (g, t, measured, estimated)
 

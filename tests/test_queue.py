@@ -1,30 +1,13 @@
-"""Queued sweeps (`python -m flows sweep --jobs N`) on the tiny random Llama, and the workspace rule behind them.
-
-The sweeps run as a user runs them, `python -m flows sweep` in a subprocess (its own temporary Prefect server and
-home), in two copies of one tiny project: the model, the calibration file and the task data are untracked,
-named by paths relative to the project (so a queued experiment's temporary copy finds them only through
-DROPQUANT_WORKSPACE). The sequential sweep of the grid in one copy is the reference for the queued one in the other.
+"""The workspace rule behind queued sweeps (`python -m flows sweep --jobs N`), the thread split and the queue-log
+parsing. The queued sweep end to end is in tests/test_flows.py (test_queued_sweep_matches_the_sequential_one): its
+reference is that file's sequential sweep of the same grid, on the same tiny model.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, SHARED_DATA
-from flow_helpers import build_tiny_repo, dvc, make_tiny_model
-
-GRID = ["-m", "attn", "mlp", "block", "-q", "Q8_0"]
-GOOD = ["attn-1-Q8_0", "mlp-1-Q8_0", "block-1-Q8_0"]
-BAD = ["attn-9-Q8_0", "mlp-9-Q8_0", "block-9-Q8_0"]  # impossible on 4 layers
-COMPARED = ("avg", "ppl", "kld", "top1")
-
 
 # --- the workspace rule ---------------------------------------------------------------------------------------------
 
@@ -95,93 +78,3 @@ def test_queue_logs_parse_like_a_streamed_run():
     assert str(err).startswith("dropquant drop: error: drop.n=9") and err.stage == "drop" and err.user_error
     ok = parse_log(["Running stage 'drop':", "12:00:01 dropquant.drop: done in 7 s, peak RSS 0.4 GB"], 0)
     assert [(e.stage, e.status, e.seconds) for e in ok.stages] == [("drop", "ran", 7.0)]
-
-
-# --- queued against sequential, end to end -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def twin_repos(tmp_path_factory) -> tuple[Path, Path]:
-    """Two identical tiny projects; their model, calibration text and task data untracked, named relatively."""
-    base = tmp_path_factory.mktemp("queue")
-    model = make_tiny_model(base / "model")
-    repos = []
-    for name in ("sequential", "queued"):
-        repo = base / name
-        chat_off = {"tasks": [], "limit": 8, "max_tokens": 192, "parallel": 32, "n_ctx": 1536, "transcripts": 8}
-        build_tiny_repo(repo, model, params_update={"model": {"source": "model"},
-                                                    "calibration": {"source": "texts/calib.txt"},
-                                                    "eval": {"data_dir": "shared-data", "chat": chat_off}},
-                        gitignore="/model/\n/texts/\n/shared-data\n", calib_name="calib-tracked.txt")
-        shutil.copytree(model, repo / "model")
-        (repo / "texts").mkdir()
-        (repo / "texts" / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
-        if SHARED_DATA.is_dir():
-            os.symlink(SHARED_DATA, repo / "shared-data")
-        assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
-                              text=True).stdout == ""
-        repos.append(repo)
-    return repos[0], repos[1]
-
-
-def _sweep(repo: Path, out: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "DROPQUANT_WORKSPACE"}
-    env.update(PREFECT_HOME=str(out.parent / f"prefect-{out.name}"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PYTHONPATH=str(ROOT),
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")  # a first start migrates a fresh database
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "flows", "sweep", "--repo", str(repo), "--out", str(out), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    return done, time.monotonic() - started
-
-
-def _metrics(repo: Path) -> dict[str, dict]:
-    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    names = [r["name"] for b in shown for g in (b.get("experiments") or []) for r in g["revs"]]
-    assert len(names) == len(set(names)), names  # every experiment once
-    # The drop is a parameter, not a metric (metrics.json holds the headline figures only).
-    return {r["name"]: {**r["data"]["metrics"]["data/eval/metrics.json"]["data"],
-                        **{k: r["data"]["params"]["params.yaml"]["data"]["drop"][k] for k in ("method", "n")}}
-            for b in shown for g in (b.get("experiments") or []) for r in g["revs"]}
-
-
-def test_queued_sweep_matches_the_sequential_one(twin_repos, tmp_path):
-    sequential, queued = twin_repos
-    ref, seq_s = _sweep(sequential, tmp_path / "seq", *GRID, "-n", "1")
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
-    expected = _metrics(sequential)
-    assert set(expected) == set(GOOD)
-
-    before = {f: (queued / f).read_bytes() for f in ("params.yaml",)}
-    run, queue_s = _sweep(queued, tmp_path / "queue", *GRID, "-n", "1", "9", "--jobs", "2")
-    log = run.stdout + run.stderr
-    print(f"sequential 3 variants {seq_s:.0f} s; queued 6 variants (3 impossible), 2 jobs {queue_s:.0f} s")
-    assert run.returncode == 1, log[-4000:]  # the impossible variants failed, the report was still written
-    got = _metrics(queued)
-    assert set(got) == set(GOOD), "only the finished variants, no priming experiment: " + ", ".join(got)
-    for name in GOOD:
-        for key in COMPARED:
-            assert got[name].get(key) == pytest.approx(expected[name].get(key), rel=1e-6, abs=1e-9), (name, key)
-        assert (got[name]["method"], got[name]["n"]) == (expected[name]["method"], 1)
-
-    # The workspace was left alone: params.yaml as committed, no dvc.lock, no data/.
-    assert {f: (queued / f).read_bytes() for f in before} == before
-    assert not (queued / "dvc.lock").exists() and not (queued / "data").exists()
-    assert "Queued" not in dvc(queued, "queue", "status").stdout
-
-    report = json.loads((tmp_path / "queue" / "sweep.json").read_text())
-    assert [v["name"] for v in report["variants"]] == GOOD
-    assert sorted(f["name"] for f in report["failures"]) == sorted(BAD)
-    for f in report["failures"]:
-        assert f["stage"] == "drop" and "dropquant drop: error: drop.n=9 is larger than" in f["error"], f
-        assert f"failed: {f['name']}: dropquant drop: error:" in run.stderr
-    # calibrate and score ran once, in priming; every variant took them (and the baseline) from the run-cache.
-    for v in report["variants"]:
-        status = {s["stage"]: s["status"] for s in v["stages"]}
-        # "Stage 'calibrate' is cached - skipping run" in its queue log: the temporary copies share the run-cache.
-        assert all(status[s] == "run-cache" for s in ("calibrate", "score", "baseline", "baseline_eval")), v
-        assert status["drop"] == "ran" and status["evaluate"] == "ran", v
-        assert "eval.threads=1" in v["params"]
-    md = (tmp_path / "queue" / "report.md").read_text()
-    assert "calibrate: ran 1×, reused 3×" in md and "score: ran 1×, reused 3×" in md
-    assert "Queued: 2 jobs, 1 thread(s) each" in md
-    assert all(f"| {name} |" in md for name in GOOD) and "drop.n=9 is larger than" in md
