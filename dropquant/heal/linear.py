@@ -77,9 +77,9 @@ class LinearFit:
 class _Normal:
     """The normal equations of Y ≈ Z Wᵀ, accumulated batch by batch (float64 sums of float32 products)."""
 
-    def __init__(self, hidden: int, device):
+    def __init__(self, hidden: int, device, n_out: Optional[int] = None):
         self.ztz = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
-        self.zty = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
+        self.zty = torch.zeros(hidden, n_out or hidden, dtype=torch.float64, device=device)
         self.yty = 0.0
 
     def add(self, z: torch.Tensor, y: torch.Tensor) -> None:

@@ -132,35 +132,25 @@ def host_projection(layer, half: str) -> torch.nn.Linear:
     return layer.self_attn.o_proj if half == ATTN else layer.mlp.down_proj
 
 
-class _Ridge:
+class _Ridge(_Normal):
     """Ridge least squares of R ≈ Z·X pulled towards a prior X0 (the plain drop's), from normal equations
     accumulated batch by batch: (ZᵀZ + λI)·X = ZᵀR + λ·X0, λ relative to the mean eigenvalue of ZᵀZ."""
 
     def __init__(self, prior: torch.Tensor):
+        super().__init__(prior.shape[0], prior.device, prior.shape[1])
         self.prior = prior.double()
-        n_in = prior.shape[0]
-        self.ztz = torch.zeros(n_in, n_in, dtype=torch.float64, device=prior.device)
-        self.ztr = torch.zeros_like(self.prior)
-        self.rtr = 0.0
-
-    def add(self, z: torch.Tensor, r: torch.Tensor) -> None:
-        z = z.reshape(-1, z.shape[-1]).float()
-        r = r.reshape(-1, r.shape[-1]).float()
-        self.ztz += (z.T @ z).double()
-        self.ztr += (z.T @ r).double()
-        self.rtr += float((r.double() ** 2).sum())
 
     def explained(self, x: torch.Tensor) -> float:
         """Share of the target's energy Z·X reproduces."""
-        residual = self.rtr - 2 * float((x * self.ztr).sum()) + float((x * (self.ztz @ x)).sum())
-        return 1.0 - residual / self.rtr if self.rtr > 0 else 1.0
+        residual = self.yty - 2 * float((x * self.zty).sum()) + float((x * (self.ztz @ x)).sum())
+        return 1.0 - residual / self.yty if self.yty > 0 else 1.0
 
-    def solve(self, ridge: float, what: str) -> torch.Tensor:
+    def solve_towards_prior(self, ridge: float, what: str) -> torch.Tensor:
         n = self.ztz.shape[0]
         eye = torch.eye(n, dtype=self.ztz.dtype, device=self.ztz.device)
         lam = ridge * float(torch.trace(self.ztz)) / n
         try:
-            return torch.linalg.solve(self.ztz + lam * eye, self.ztr + lam * self.prior)
+            return torch.linalg.solve(self.ztz + lam * eye, self.zty + lam * self.prior)
         except RuntimeError:  # a LinAlgError: singular
             raise DropquantError(f"{what}: the merged fit's least-squares system is singular (too few calibration "
                                  "tokens for its width?); set heal.ridge > 0") from None
@@ -302,7 +292,7 @@ def _close_cut(cut: Cut, lp, open_cut: dict, fit: MergedFit, fit_stream: str, ri
                 w = 1.0 / y.norm(dim=-1, keepdim=True).clamp_min(1e-6)
                 z, r = z * w, r * w
             normal.add(z, r)
-        x = normal.solve(ridge, cut.describe())
+        x = normal.solve_towards_prior(ridge, cut.describe())
         explained, plain = normal.explained(x), normal.explained(normal.prior)
         if objective == "cosine":
             x = _cosine_refine(x, lp.states[fit_stream].data, zs.data, lp.states["base"].data,
