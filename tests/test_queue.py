@@ -1,6 +1,7 @@
 """The workspace rule behind queued sweeps (`python -m flows sweep --jobs N`), the thread split, the queue-log
-parsing and `dvc queue status` asked again after a transient failure. The queued sweep end to end is in tests/test_flows.py (test_queued_sweep_matches_the_sequential_one): its
-reference is that file's sequential sweep of the same grid, on the same tiny model.
+parsing and `dvc queue status` asked again after a transient failure. The queued sweep end to end is in
+tests/test_flows.py (test_queued_sweep_matches_the_sequential_one): its reference is that file's sequential sweep
+of the same grid, on the same tiny model.
 """
 from __future__ import annotations
 
