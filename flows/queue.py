@@ -107,10 +107,19 @@ def _run(args: list[str], root: Path, env: dict, log: Callable[[str], None]) -> 
     return parse_log(lines, proc.wait())
 
 
-def queue_status(root: Path) -> tuple[list[tuple[str, str, str]], int]:
-    """`dvc queue status`: its tasks as (task id, name, status) and the number of live workers."""
-    out = subprocess.run([dvc_executable(), "queue", "status"], cwd=root, env=_env(), capture_output=True, text=True)
-    if out.returncode != 0:
+def queue_status(root: Path, attempts: int = 3) -> tuple[list[tuple[str, str, str]], int]:
+    """`dvc queue status`: its tasks as (task id, name, status) and the number of live workers.
+
+    A failed call is tried again (up to `attempts` calls, 1 s apart): dvc 3.67.1 reads the queue's broker files while
+    the workers write them, and under load it can meet a half-written one ("unexpected error - Expecting value")."""
+    for attempt in range(attempts):
+        out = subprocess.run([dvc_executable(), "queue", "status"], cwd=root, env=_env(), capture_output=True,
+                             text=True)
+        if out.returncode == 0:
+            break
+        if attempt + 1 < attempts:
+            time.sleep(1)
+    else:
         raise DvcFailed(f"dvc queue status failed: {(out.stderr or out.stdout).strip()}")
     tasks, workers = [], 0
     for line in out.stdout.splitlines():

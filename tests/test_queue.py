@@ -1,6 +1,7 @@
-"""The workspace rule behind queued sweeps (`python -m flows sweep --jobs N`), the thread split and the queue-log
-parsing. The queued sweep end to end is in tests/test_flows.py (test_queued_sweep_matches_the_sequential_one): its
-reference is that file's sequential sweep of the same grid, on the same tiny model.
+"""The workspace rule behind queued sweeps (`python -m flows sweep --jobs N`), the thread split, the queue-log
+parsing and `dvc queue status` asked again after a transient failure. The queued sweep end to end is in
+tests/test_flows.py (test_queued_sweep_matches_the_sequential_one): its reference is that file's sequential sweep
+of the same grid, on the same tiny model.
 """
 from __future__ import annotations
 
@@ -78,3 +79,21 @@ def test_queue_logs_parse_like_a_streamed_run():
     assert str(err).startswith("dropquant drop: error: drop.n=9") and err.stage == "drop" and err.user_error
     ok = parse_log(["Running stage 'drop':", "12:00:01 dropquant.drop: done in 7 s, peak RSS 0.4 GB"], 0)
     assert [(e.stage, e.status, e.seconds) for e in ok.stages] == [("drop", "ran", 7.0)]
+
+
+def test_queue_status_asks_again_when_dvc_meets_a_half_written_broker_file(tmp_path, monkeypatch):
+    import flows.queue as queue
+    from flows._dvc import DvcFailed
+
+    fake = tmp_path / "dvc"  # fails once, as dvc 3.67.1 does on a half-written broker file, then answers
+    fake.write_text('#!/bin/sh\nif [ ! -e "$0.seen" ]; then touch "$0.seen"\n'
+                    '  echo "ERROR: unexpected error - Expecting value: line 1 column 1 (char 0)" >&2; exit 255; fi\n'
+                    'printf "Task     Name         Created    Status\\n'
+                    'ab6aa69  attn-1-Q8_0  03:28 AM   Success\\n\\nWorker status: 1 active, 0 idle\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(queue, "dvc_executable", lambda: str(fake))
+    monkeypatch.setattr(queue.time, "sleep", lambda s: None)
+    assert queue.queue_status(tmp_path) == ([("ab6aa69", "attn-1-Q8_0", "Success")], 1)
+    fake.write_text('#!/bin/sh\necho "ERROR: unexpected error - Expecting value" >&2; exit 255\n')
+    with pytest.raises(DvcFailed, match="dvc queue status failed: ERROR: unexpected error"):
+        queue.queue_status(tmp_path)  # a lasting failure still stops the sweep
