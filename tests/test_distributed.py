@@ -251,6 +251,7 @@ def test_two_workers_share_a_sweep_and_compute_each_stage_once(site, tmp_path):
     assert _remote_objects_intact(site["dvc_remote"]) > 0
 
 
+# Slow by nature (~60 s of waiting): a killed worker is detected from missed 30 s heartbeats.
 def test_a_worker_killed_mid_variant_is_replaced_and_every_variant_reported_once(site, tmp_path):
     pool = "test-killed-worker"
     workers = [Worker(site, f"k{i}", pool) for i in (1, 2)]

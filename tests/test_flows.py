@@ -183,6 +183,7 @@ def _metrics(repo: Path) -> dict[str, dict]:
             for b in shown for g in (b.get("experiments") or []) for r in g["revs"]}
 
 
+# Slow by nature (~200 s): real DVC queue workers, which poll every 5 s, run the grid.
 def test_queued_sweep_matches_the_sequential_one(tiny_repo, queued_repo, tmp_path):
     """The sweep above (sequential, in tiny_repo) is the reference: the same grid as DVC queued experiments, 2 jobs,
     in a second copy of the project gives the same metrics and leaves that copy's workspace alone."""
